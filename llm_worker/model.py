@@ -1,0 +1,153 @@
+"""The Qwen2.5 decoder of Qwen2.5-VL: M-RoPE, grouped-query attention, RMSNorm, SwiGLU, a preallocated KV cache."""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.checkpoint import LANGUAGE, load_module, read_tensors
+from common.config import TextConfig, load_config
+from llm_worker.rope import mrope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of `batch` sequences, `max_len` slots each; every sequence writes at its own slots."""
+
+    def __init__(self, config: TextConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Writes k, v (B, nkv, S, hs) at slots (B, S); returns the first `length` slots of the layer's cache."""
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        self.k[layer][rows, :, slots] = k.transpose(1, 2)  # indexed as (B, S, nkv, hs)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, slots: Tensor, mask: Tensor) -> Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, S, hs)
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, hs)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k, v = cache.update(self.layer, slots, k, v, mask.shape[-1])  # (B, nkv, L, hs)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, S, hs)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, slots: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """`model.*` of the checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(ids)
+
+    def forward(
+        self, embeds: Tensor, positions: Tensor, slots: Tensor, cache: KVCache, logits_at: Tensor | None = None
+    ) -> Tensor:
+        """embeds (B, S, C), M-RoPE positions (3, B, S), cache slots (B, S) → float32 logits (B, S, vocab), or
+        (B, vocab) at token logits_at[b] of each row when given.
+
+        A token attends to the cache slots of its own sequence up to and including its own slot."""
+        length = int(slots.max()) + 1
+        mask = torch.arange(length, device=slots.device) <= slots[..., None]  # (B, S, L)
+        mask = mask[:, None]  # (B, 1, S, L)
+        cos, sin = mrope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.config.mrope_section, embeds.dtype)
+        x = embeds
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, slots, mask)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at]  # (B, C)
+        return self.lm_head(self.model.norm(x)).float()
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "LanguageModel":
+        """Reads only the `model.` and `lm_head.` tensors of the checkpoint; ties lm_head when the config says so."""
+        config = load_config(model_dir).text
+        with torch.device("meta"):
+            model = cls(config)
+        tensors = read_tensors(model_dir, LANGUAGE, dtype, device)
+        if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        load_module(model, tensors, "", Path(model_dir))
+        return model.eval()
