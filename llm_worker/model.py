@@ -31,12 +31,17 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
 
-    def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Writes k, v (B, nkv, S, hs) at slots (B, S); returns the first `length` slots of the layer's cache."""
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+    def update(self, layer: int, first_row: int, slots: Tensor, k: Tensor, v: Tensor, length: int):
+        """Writes k, v (B, nkv, S, hs) of rows first_row.. at slots (B, S); returns those rows' first `length` slots."""
+        B = slots.shape[0]
+        rows = torch.arange(first_row, first_row + B, device=slots.device)[:, None]
         self.k[layer][rows, :, slots] = k.transpose(1, 2)  # indexed as (B, S, nkv, hs)
         self.v[layer][rows, :, slots] = v.transpose(1, 2)
-        return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
+        return self.k[layer][first_row : first_row + B, :, :length], self.v[layer][first_row : first_row + B, :, :length]
+
+    def move_row(self, src: int, dst: int) -> None:
+        for cache in (*self.k, *self.v):
+            cache[dst] = cache[src]
 
 
 class Attention(nn.Module):
@@ -49,7 +54,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, slots: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, first_row: int, slots: Tensor, mask: Tensor):
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, S, hs)
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
@@ -57,7 +62,7 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, hs)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k, v = cache.update(self.layer, slots, k, v, mask.shape[-1])  # (B, nkv, L, hs)
+        k, v = cache.update(self.layer, first_row, slots, k, v, mask.shape[-1])  # (B, nkv, L, hs)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, S, hs)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
@@ -86,8 +91,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, slots: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, first_row: int, slots: Tensor, mask: Tensor):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, first_row, slots, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -123,10 +128,11 @@ class LanguageModel(nn.Module):
         return self.model.embed_tokens(ids)
 
     def forward(
-        self, embeds: Tensor, positions: Tensor, slots: Tensor, cache: KVCache, logits_at: Tensor | None = None
+        self, embeds: Tensor, positions: Tensor, slots: Tensor, cache: KVCache, logits_at: Tensor | None = None,
+        first_row: int = 0,
     ) -> Tensor:
-        """embeds (B, S, C), M-RoPE positions (3, B, S), cache slots (B, S) → float32 logits (B, S, vocab), or
-        (B, vocab) at token logits_at[b] of each row when given.
+        """embeds (B, S, C), M-RoPE positions (3, B, S), cache slots (B, S) of cache rows first_row.. → float32
+        logits (B, S, vocab), or (B, vocab) at token logits_at[b] of each row when given.
 
         A token attends to the cache slots of its own sequence up to and including its own slot."""
         length = int(slots.max()) + 1
@@ -135,7 +141,7 @@ class LanguageModel(nn.Module):
         cos, sin = mrope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.config.mrope_section, embeds.dtype)
         x = embeds
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, slots, mask)
+            x = layer(x, cos, sin, cache, first_row, slots, mask)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at]  # (B, C)
         return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,136 @@
+"""Generation: prefill each request into its own KV-cache row, then decode every active request together.
+
+Active requests occupy cache rows 0..n-1; when one finishes, the last row moves into its place, so a decode step
+always works on a contiguous block of rows. The engine needs only a model with `new_cache`, `__call__`
+(embeds, positions, slots, cache, logits_at, first_row) and `embed`, so it is tested with a mock model.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from float32 logits (vocab,): temperature, then top-k, then top-p, as transformers orders them."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(logits)  # ascending
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - params.top_p
+        drop[-1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@dataclass
+class Sequence:
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    delta: int  # M-RoPE: token at slot n has position n + delta
+    length: int  # slots written so far
+    tokens: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+
+    def push(self, token: int, max_len: int) -> None:
+        self.tokens.append(token)
+        if token in self.eos_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.params.max_new_tokens or self.length >= max_len:
+            self.finish_reason = "length"
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, max_len: int = 4096):
+        self.model = model
+        self.max_len = max_len
+        self.max_batch = max_batch
+        self.cache = model.new_cache(max_batch, max_len)
+        self.active: list[Sequence] = []  # active[i] owns cache row i
+
+    @torch.inference_mode()
+    def add(self, embeds: Tensor, positions: Tensor, delta: int, params: SamplingParams, eos_token_ids) -> Sequence:
+        """Prefills one prompt (embeds (S, C), positions (3, S)) into a free row and samples its first token."""
+        S = embeds.shape[0]
+        if S + 1 > self.max_len:
+            raise ValueError(f"prompt of {S} tokens leaves no room in a context of {self.max_len} tokens")
+        if len(self.active) == self.max_batch:
+            raise RuntimeError(f"engine is full ({self.max_batch} active requests)")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        seq = Sequence(params, frozenset(eos_token_ids), delta, S, generator=generator)
+        row = len(self.active)
+        slots = torch.arange(S, device=self.model.device)[None]
+        logits = self.model(
+            embeds[None], positions[:, None], slots, self.cache, logits_at=slots[:, -1], first_row=row
+        )
+        self.active.append(seq)
+        seq.push(sample(logits[0], params, generator), self.max_len)
+        return seq
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Decodes one token for every active unfinished sequence; returns the sequences that got a token."""
+        self.release_finished()
+        if not self.active:
+            return []
+        device = self.model.device
+        last = torch.tensor([s.tokens[-1] for s in self.active], device=device)
+        slots = torch.tensor([[s.length] for s in self.active], device=device)  # (B, 1)
+        positions = (slots + torch.tensor([[s.delta] for s in self.active], device=device))[None].expand(3, -1, -1)
+        logits = self.model(self.model.embed(last[:, None]), positions, slots, self.cache)  # (B, 1, vocab)
+        for seq, row_logits in zip(self.active, logits[:, -1]):
+            seq.length += 1
+            seq.push(sample(row_logits, seq.params, seq.generator), self.max_len)
+        return list(self.active)
+
+    def release_finished(self) -> None:
+        """Frees the rows of finished sequences, moving the last rows into the gaps."""
+        i = 0
+        while i < len(self.active):
+            if self.active[i].finish_reason is None:
+                i += 1
+                continue
+            last = len(self.active) - 1
+            if i != last:
+                self.cache.move_row(last, i)
+                self.active[i] = self.active[last]
+            self.active.pop()
+
+    def generate(
+        self, embeds: Tensor, positions: Tensor, delta: int, params: SamplingParams, eos_token_ids
+    ) -> Iterator[tuple[int, str | None]]:
+        """One request alone: yields (token, finish reason or None) as tokens come."""
+        seq = self.add(embeds, positions, delta, params, eos_token_ids)
+        yield seq.tokens[-1], seq.finish_reason
+        while seq.finish_reason is None:
+            self.step()
+            yield seq.tokens[-1], seq.finish_reason
+        self.release_finished()
