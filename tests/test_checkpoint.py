@@ -1,0 +1,130 @@
+"""Checkpoints load in both tensor-name layouts, sharded, with 4.x or 5.x config.json, tied or not, in three
+dtypes; each half reads only its own tensors; a broken checkpoint gets an error that names the problem."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.checkpoint import LANGUAGE, VISUAL, read_tensors
+from common.config import load_config
+from llm_worker.model import LanguageModel
+from tests.conftest import write_tiny_checkpoint
+from visual_worker.vision import VisionTransformer
+
+GRID = [(1, 8, 12)]
+PIXELS = torch.randn(96, 1176, generator=torch.Generator().manual_seed(0))
+IDS = torch.tensor([[151644, 872, 198, 9707, 1879, 151645]])
+
+
+def outputs(model_dir, dtype=torch.float32):
+    vit = VisionTransformer.from_pretrained(model_dir, dtype=dtype)
+    lm = LanguageModel.from_pretrained(model_dir, dtype=dtype)
+    S = IDS.shape[1]
+    with torch.inference_mode():
+        logits = lm(lm.embed(IDS), torch.arange(S).expand(3, 1, S), torch.arange(S)[None], lm.new_cache(1, S))
+    return vit.embed(PIXELS, GRID), logits
+
+
+@pytest.fixture(scope="module")
+def published(tiny_model):
+    return outputs(tiny_model)
+
+
+@pytest.mark.parametrize("layout", ["transformers5", "sharded", "flat_config"])
+def test_every_layout_loads_to_the_same_model(tmp_path, tokenizer_dir, published, layout):
+    model_dir = write_tiny_checkpoint(tmp_path, tokenizer_dir, layout=layout)
+    embeds, logits = outputs(model_dir)
+    assert torch.equal(embeds, published[0])
+    assert torch.equal(logits, published[1])
+
+
+def test_layouts_really_differ(tmp_path, tokenizer_dir):
+    sharded = write_tiny_checkpoint(tmp_path / "s", tokenizer_dir, layout="sharded")
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 1
+    t5 = write_tiny_checkpoint(tmp_path / "t5", tokenizer_dir, layout="transformers5")
+    names = load_file(t5 / "model.safetensors").keys()
+    assert any(n.startswith("model.visual.") for n in names)
+    assert any(n.startswith("model.language_model.") for n in names)
+
+
+def test_flat_and_nested_config_json_read_the_same(tmp_path, tokenizer_dir, tiny_model):
+    flat = write_tiny_checkpoint(tmp_path, tokenizer_dir, layout="flat_config")
+    assert "text_config" not in json.loads((flat / "config.json").read_text())
+    assert load_config(flat).text == load_config(tiny_model).text
+    assert load_config(flat).vision == load_config(tiny_model).vision
+    assert load_config(tiny_model).text.mrope_section == (2, 3, 3)
+
+
+def test_each_half_reads_only_its_own_tensors(tmp_path, tokenizer_dir):
+    model_dir = write_tiny_checkpoint(tmp_path, tokenizer_dir, layout="transformers5")
+    visual = read_tensors(model_dir, VISUAL, torch.float32)
+    language = read_tensors(model_dir, LANGUAGE, torch.float32)
+    assert visual and all(n.startswith("visual.") for n in visual)
+    assert language and not any(n.startswith("visual.") for n in language)
+    assert len(visual) + len(language) == len(load_file(model_dir / "model.safetensors"))
+
+
+def test_tied_embeddings_match_transformers(tmp_path, tokenizer_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model_dir = write_tiny_checkpoint(tmp_path, tokenizer_dir, tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_file(model_dir / "model.safetensors")
+    assert load_config(model_dir).text.tie_word_embeddings
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=IDS).logits
+    assert (outputs(model_dir)[1] - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loads_in_that_dtype_and_tracks_transformers(tiny_model, dtype):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    lm = LanguageModel.from_pretrained(tiny_model, dtype=dtype)
+    vit = VisionTransformer.from_pretrained(tiny_model, dtype=dtype)
+    assert {p.dtype for p in [*lm.parameters(), *vit.parameters()]} == {dtype}
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=dtype).eval()
+    with torch.no_grad():
+        expected_embeds = reference.model.visual(PIXELS, grid_thw=torch.tensor(GRID)).pooler_output
+        expected_logits = reference(input_ids=IDS).logits
+    embeds, logits = outputs(tiny_model, dtype)
+    assert embeds.dtype == dtype
+    assert (embeds.float() - expected_embeds.float()).abs().max() < 0.05 * expected_embeds.float().abs().max()
+    assert (logits - expected_logits.float()).abs().max() < 0.05 * expected_logits.float().abs().max()
+
+
+def test_missing_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_config(tmp_path)
+
+
+def test_wrong_model_type_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type is 'llama'"):
+        load_config(tmp_path)
+
+
+def test_missing_weights_file_is_named(tmp_path, tiny_model):
+    (tmp_path / "config.json").write_text((tiny_model / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        LanguageModel.from_pretrained(tmp_path)
+
+
+def test_missing_tensor_is_named(tmp_path, tokenizer_dir):
+    model_dir = write_tiny_checkpoint(tmp_path, tokenizer_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["visual.blocks.1.attn.qkv.weight"]
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(KeyError, match="visual.blocks.1.attn.qkv.weight"):
+        VisionTransformer.from_pretrained(model_dir)
+
+
+def test_shape_mismatch_says_expected_and_found(tmp_path, tokenizer_dir):
+    model_dir = write_tiny_checkpoint(tmp_path, tokenizer_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(65)
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \[65\], expected \[64\]"):
+        LanguageModel.from_pretrained(model_dir)
