@@ -80,6 +80,7 @@ class Engine:
         S = embeds.shape[0]
         if S + 1 > self.max_len:
             raise ValueError(f"prompt of {S} tokens leaves no room in a context of {self.max_len} tokens")
+        self.release_finished()
         if len(self.active) == self.max_batch:
             raise RuntimeError(f"engine is full ({self.max_batch} active requests)")
         generator = None

@@ -1,0 +1,154 @@
+"""The generation engine on a mock model (no weights): stopping, sampling, and continuous batching."""
+
+import pytest
+import torch
+
+from llm_worker.engine import Engine, SamplingParams, sample
+
+VOCAB = 50
+
+
+class MockCache:
+    def __init__(self, batch, max_len):
+        self.tokens = torch.zeros(batch, max_len, dtype=torch.long)
+
+    def move_row(self, src, dst):
+        self.tokens[dst] = self.tokens[src]
+
+
+class CountingModel:
+    """Next token = (sum of every token in this sequence's cache row, positions included) % VOCAB, so a sequence
+    whose row was mixed up with another's, or whose positions are off, goes astray."""
+
+    device = torch.device("cpu")
+
+    def new_cache(self, batch, max_len):
+        return MockCache(batch, max_len)
+
+    def embed(self, ids):
+        return ids[..., None].float()
+
+    def __call__(self, embeds, positions, slots, cache, logits_at=None, first_row=0):
+        B, S, _ = embeds.shape
+        rows = torch.arange(first_row, first_row + B)[:, None]
+        cache.tokens[rows, slots] = embeds[..., 0].long() + positions[0]
+        totals = torch.stack([cache.tokens[first_row + b, : int(slots[b].max()) + 1].sum() for b in range(B)])
+        logits = torch.nn.functional.one_hot(totals % VOCAB, VOCAB).float()[:, None].expand(B, S, VOCAB)
+        return logits[:, -1] if logits_at is not None else logits
+
+
+def run_alone(prompt, params, eos=()):
+    engine = Engine(CountingModel(), max_batch=1, max_len=64)
+    embeds = torch.tensor(prompt, dtype=torch.float)[:, None]
+    positions = torch.arange(len(prompt)).expand(3, -1)
+    return [t for t, _ in engine.generate(embeds, positions, 0, params, eos)]
+
+
+def test_greedy_follows_the_model():
+    # prompt [1, 2] at positions [0, 1]: row holds 1, 3 -> total 4; then token 4 at position 2 adds 6 -> 10 ...
+    assert run_alone([1, 2], SamplingParams(max_new_tokens=3)) == [4, 10, 23]
+
+
+def test_stops_at_eos_with_reason_stop():
+    engine = Engine(CountingModel(), max_batch=1, max_len=64)
+    out = list(engine.generate(torch.tensor([[1.0], [2.0]]), torch.arange(2).expand(3, -1), 0,
+                               SamplingParams(max_new_tokens=10), eos_token_ids=[10]))
+    assert out == [(4, None), (10, "stop")]
+
+
+def test_stops_at_max_new_tokens_with_reason_length():
+    engine = Engine(CountingModel(), max_batch=1, max_len=64)
+    out = list(engine.generate(torch.tensor([[1.0]]), torch.zeros(3, 1, dtype=torch.long), 0,
+                               SamplingParams(max_new_tokens=2), []))
+    assert [reason for _, reason in out] == [None, "length"]
+
+
+def test_stops_at_the_end_of_the_context():
+    engine = Engine(CountingModel(), max_batch=1, max_len=4)
+    out = list(engine.generate(torch.tensor([[1.0], [2.0]]), torch.arange(2).expand(3, -1), 0,
+                               SamplingParams(max_new_tokens=100), []))
+    assert len(out) == 3 and out[-1][1] == "length"  # slots 2 and 3 filled by decode; the third token has no slot
+
+
+def test_a_prompt_longer_than_the_context_is_refused():
+    engine = Engine(CountingModel(), max_batch=1, max_len=4)
+    with pytest.raises(ValueError, match="prompt of 4 tokens"):
+        engine.add(torch.zeros(4, 1), torch.zeros(3, 4, dtype=torch.long), 0, SamplingParams(), [])
+
+
+def test_rope_delta_shifts_decode_positions():
+    engine = Engine(CountingModel(), max_batch=1, max_len=64)
+    out = [t for t, _ in engine.generate(torch.tensor([[1.0], [2.0]]), torch.arange(2).expand(3, -1), 5,
+                                         SamplingParams(max_new_tokens=2), [])]
+    assert out == [4, 15]  # token 4 written at slot 2 with position 2 + 5: 4 + 4 + 7 = 15
+
+
+def test_requests_joining_and_leaving_get_the_tokens_they_get_alone():
+    prompts = {"a": [1, 2, 3], "b": [7], "c": [4, 4, 4, 4, 4], "d": [9, 1]}
+    lengths = {"a": 3, "b": 9, "c": 5, "d": 6}
+    alone = {k: run_alone(p, SamplingParams(max_new_tokens=lengths[k])) for k, p in prompts.items()}
+    engine = Engine(CountingModel(), max_batch=3, max_len=64)
+    seqs, got = {}, {}
+
+    def join(k):
+        p = prompts[k]
+        seqs[k] = engine.add(torch.tensor(p, dtype=torch.float)[:, None], torch.arange(len(p)).expand(3, -1), 0,
+                             SamplingParams(max_new_tokens=lengths[k]), [])
+
+    join("a"), join("b")
+    engine.step()
+    join("c")  # joins while a and b are mid-generation
+    while any(s.finish_reason is None for s in seqs.values()):
+        engine.step()
+        if seqs["a"].finish_reason and "d" not in seqs:
+            join("d")  # takes a's row once it has been released
+    got = {k: s.tokens for k, s in seqs.items()}
+    assert got == alone
+
+
+def test_engine_refuses_more_requests_than_rows():
+    engine = Engine(CountingModel(), max_batch=1, max_len=16)
+    engine.add(torch.zeros(1, 1), torch.zeros(3, 1, dtype=torch.long), 0, SamplingParams(), [])
+    with pytest.raises(RuntimeError, match="full"):
+        engine.add(torch.zeros(1, 1), torch.zeros(3, 1, dtype=torch.long), 0, SamplingParams(), [])
+
+
+LOGITS = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    g = torch.Generator().manual_seed(0)
+    assert {sample(LOGITS, SamplingParams(temperature=1.0, top_k=1), g) for _ in range(50)} == {4}
+    assert {sample(LOGITS, SamplingParams(temperature=1.0, top_p=0.01), g) for _ in range(50)} == {4}
+
+
+def test_top_k_keeps_only_the_k_most_likely():
+    g = torch.Generator().manual_seed(0)
+    assert {sample(LOGITS, SamplingParams(temperature=5.0, top_k=2), g) for _ in range(300)} == {3, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # softmax(LOGITS): 0.636, 0.234, 0.086, ... ; top_p 0.8 keeps {4, 3}
+    g = torch.Generator().manual_seed(0)
+    assert {sample(LOGITS, SamplingParams(temperature=1.0, top_p=0.8), g) for _ in range(300)} == {3, 4}
+
+
+def test_temperature_sampling_follows_the_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, torch.log(torch.tensor(3.0))])  # p = 0.25, 0.75
+    draws = [sample(logits, SamplingParams(temperature=1.0), g) for _ in range(4000)]
+    assert abs(sum(draws) / 4000 - 0.75) < 0.03
+
+
+def test_same_seed_same_tokens():
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [sample(LOGITS, SamplingParams(temperature=2.0, seed=seed), g) for _ in range(20)]
+
+    assert draw(7) == draw(7) and draw(7) != draw(8)
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1)])
+def test_bad_sampling_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
