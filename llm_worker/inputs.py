@@ -15,7 +15,7 @@ def splice_vision(embeds: Tensor, ids: Tensor, token_id: int, vision: Tensor | N
         raise ValueError(f"the prompt has {n_pads} {what} pad tokens but {n_embeds} {what} embeddings arrived")
     if n_pads:
         embeds = embeds.clone()
-        embeds[at] = vision.to(embeds.dtype)
+        embeds[at] = vision.to(embeds.device, embeds.dtype)
     return embeds
 
 
