@@ -18,7 +18,7 @@ import torch
 import zmq
 from PIL import Image
 
-import launch
+from frontend.client import Frontend, read_recording
 from common.protocol import Message, decode
 from visual_worker.preprocess import PreprocessConfig, preprocess_video
 
@@ -75,9 +75,9 @@ def request(prompt, images=(), video=None, fps=2.0, max_new_tokens=10) -> Messag
 @pytest.fixture(scope="module")
 def pipeline(tiny_model):
     """Both workers as real processes, float32, for the whole module."""
-    front = launch.Frontend("ipc")
+    front = Frontend("ipc")
     args = SimpleNamespace(model=tiny_model, dtype="float32", visual_device="cpu", llm_device="cpu", chunk_width=24)
-    launch.start_workers(front, args, visual=True)
+    front.start_workers(args, visual=True)
     front.wait_ready({"visual", "llm"})
 
     def ask(msg: Message) -> dict:
@@ -159,10 +159,10 @@ def test_replay_reproduces_the_recorded_run(tiny_model, recording):
 @pytest.fixture
 def llm_alone(tiny_model):
     """An LLM worker fed by a PUB socket of the test's own, as `launch.py replay` does."""
-    front = launch.Frontend("ipc")
+    front = Frontend("ipc")
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.bind(front.endpoints["embeds"])
-    launch.start_workers(front, SimpleNamespace(model=tiny_model, dtype="float32", llm_device="cpu"), visual=False)
+    front.start_workers(SimpleNamespace(model=tiny_model, dtype="float32", llm_device="cpu"), visual=False)
     while (msg := front.receive(timeout_s=0.2)) is None or msg.type != "ready":
         pub.send_multipart(Message("ping", "", {}).encode())
 
@@ -187,7 +187,7 @@ def tampered(frames: list[bytes], reorder) -> list[bytes]:
 
 def test_chunks_out_of_order_are_reassembled(llm_alone, recording):
     path, original = recording
-    frames = launch.read_recording(str(path))[0]
+    frames = read_recording(str(path))[0]
     assert len(frames) - 1 == 3  # hidden 64 in chunks of 24
     assert llm_alone(tampered(frames, lambda idx: idx[::-1]))["token_ids"] == original["token_ids"]
 
@@ -198,7 +198,7 @@ def test_chunks_out_of_order_are_reassembled(llm_alone, recording):
 ])
 def test_a_duplicate_or_missing_chunk_fails_that_request_and_the_next_succeeds(llm_alone, recording, how, error):
     path, original = recording
-    frames = launch.read_recording(str(path))[0]
+    frames = read_recording(str(path))[0]
     with pytest.raises(RuntimeError, match=error):
         llm_alone(tampered(frames, how))
     assert llm_alone(tampered(frames, lambda idx: idx))["token_ids"] == original["token_ids"]
@@ -208,7 +208,7 @@ def test_a_mis_sized_or_mis_typed_chunk_fails_that_request(llm_alone, recording)
     import msgpack
 
     path, _ = recording
-    frames = launch.read_recording(str(path))[0]
+    frames = read_recording(str(path))[0]
     header = msgpack.unpackb(frames[0])
     rows, width = header["tensors"][1]["shape"]
     short = dict(header, id=uuid.uuid4().hex)

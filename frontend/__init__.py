@@ -1,0 +1,1 @@
+"""The front end: everything on the requester's side of the two workers."""
