@@ -227,10 +227,10 @@ def vit_seconds(flag: float | None, model_results: Path) -> tuple[float | None, 
     if not model_results.is_file():
         return None, f"no --vit-seconds and no {model_results}"
     record = json.loads(model_results.read_text())
-    seconds = record.get("workers", {}).get("ours-visual", {}).get("vit_s")
+    seconds = next((r["ours"] for r in record.get("rows", []) if r.get("row") == "ViT s"), None)
     if seconds is None:
-        return None, f"{model_results} has no workers.ours-visual.vit_s"
-    return seconds, f"{model_results}: ours-visual vit_s, model {record.get('model')}, grid {record.get('grid')}"
+        return None, f"{model_results} has no 'ViT s' row"
+    return seconds, f"{model_results}: ours, 'ViT s' row; model {record.get('model')}, grid {record.get('grid')}"
 
 
 # ---- report ----
