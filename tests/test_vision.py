@@ -37,6 +37,13 @@ def test_fixed_patch_budget_gives_the_same_embeddings(vit, budget):
     assert torch.allclose(vit.embed(pixels, grids, pad_to=budget), vit.embed(pixels, grids), atol=1e-5)
 
 
+def test_vit_exports_with_torch_export_at_a_fixed_patch_budget(vit):
+    layout = make_layout(vit.config, [(1, 10, 6)], pad_to=512)
+    pixels = torch.nn.functional.pad(torch.randn(60, 1176), (0, 0, 0, 452))
+    exported = torch.export.export(vit, (pixels, layout))
+    assert torch.equal(exported.module()(pixels, layout), vit(pixels, layout))
+
+
 def test_patch_budget_must_be_a_multiple_of_16_and_fit(vit):
     with pytest.raises(ValueError, match="multiple of 16"):
         vit.embed(torch.randn(64, 1176), [(1, 8, 8)], pad_to=72)

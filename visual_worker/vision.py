@@ -75,6 +75,11 @@ class VisionLayout:
         )
 
 
+# layouts are forward inputs: registered as pytrees so that torch.export (the way to TVM) takes them
+torch.export.register_dataclass(Segments, serialized_type_name="visual_worker.vision.Segments")
+torch.export.register_dataclass(VisionLayout, serialized_type_name="visual_worker.vision.VisionLayout")
+
+
 def make_layout(config: VisionConfig, grid_thw: list[tuple[int, int, int]], pad_to: int | None = None) -> VisionLayout:
     """Layout for images/videos of the given patch grids; `pad_to` pads to a fixed patch budget (multiple of 16)."""
     m = config.spatial_merge_size
