@@ -4,6 +4,7 @@ streams the answer; `replay FILE` feeds a recorded queue into a fresh LLM worker
     python launch.py                                   # embedded default model, bundled example image
     python launch.py --model DIR --image cat.jpg --prompt "What is this?" [--json]
     python launch.py replay run.qvl [--json]
+    python launch.py eval --data MMBench_DEV_EN.tsv [--limit N] [--out preds.jsonl] [--mode mcq|open]
 """
 
 import argparse
@@ -102,6 +103,14 @@ def main(argv: list[str]) -> int:
         p.add_argument("file")
         worker_options(p)
         return replay(p.parse_args(argv[1:]))
+    if argv[:1] == ["eval"]:
+        from frontend import eval as evaluation
+
+        p = argparse.ArgumentParser(prog="launch.py eval", description=evaluation.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        worker_options(p)
+        evaluation.add_arguments(p)
+        return evaluation.run(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     worker_options(p)
     p.add_argument("--image", action="append", default=None, help="path, http(s) URL or data URI; repeatable")
