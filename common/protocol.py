@@ -25,9 +25,10 @@ SCHEMAS = {
                "sampling": dict, "hidden": int, "chunk_width": int, "dtype": str, "timings": dict},
     "token": {"token_ids": list, "text": str},
     "finish": {"finish_reason": str, "prompt_tokens": int, "completion_tokens": int, "timings": dict},
-    "error": {"message": str},
+    "error": {"message": str, "code": int},  # code 400: the request was at fault; 500: the pipeline was
     "ready": {"worker": str},
     "ping": {},
+    "cancel": {},  # front end → visual worker → LLM worker, in order behind the request it names
 }
 
 
@@ -55,6 +56,14 @@ class Message:
             frames.append(t.view(torch.uint8).numpy().data if t.numel() else b"")  # zero-copy buffer
         header = {"v": VERSION, "type": self.type, "id": self.id, "fields": self.fields, "tensors": descriptors}
         return [msgpack.packb(header), *frames]
+
+
+def error_message(request_id: str, error: Exception) -> Message:
+    """The error reply for a failed request: code 400 when the request's content was at fault (an unreadable image,
+    a prompt past the context, bad sampling values: ValueError or KeyError), 500 for anything else, a broken message
+    between the processes (ProtocolError) included."""
+    bad_input = isinstance(error, (ValueError, KeyError)) and not isinstance(error, ProtocolError)
+    return Message("error", request_id, {"message": f"{type(error).__name__}: {error}", "code": 400 if bad_input else 500})
 
 
 def decode(frames: list) -> Message:

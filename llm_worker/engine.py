@@ -19,8 +19,13 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no limit
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks ask for exact output lengths)
+    stop: tuple[str, ...] = ()  # strings that end the text; the worker applies them to the text, not the engine
 
     def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -60,7 +65,7 @@ class Sequence:
 
     def push(self, token: int, max_len: int) -> None:
         self.tokens.append(token)
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.params.max_new_tokens or self.length >= max_len:
             self.finish_reason = "length"

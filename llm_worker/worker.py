@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from common.config import load_config
-from common.protocol import DTYPES, Message, ProtocolError, assemble_chunks, decode
+from common.protocol import DTYPES, Message, ProtocolError, assemble_chunks, decode, error_message
 from common.tokenizer import Tokenizer
 from llm_worker.engine import Engine, SamplingParams, Sequence
 from llm_worker.inputs import prefill_inputs
@@ -19,14 +19,35 @@ from llm_worker.model import LanguageModel
 
 @dataclass
 class Stream:
-    """One request's output as the front end sees it."""
+    """One request's output as the front end sees it: text decoded as tokens come, cut at a stop string."""
 
     id: str
     prompt_tokens: int
     timings: dict
-    text: str = ""
+    stop: tuple[str, ...] = ()
+    text: str = ""  # decoded so far, cut at a stop string once one appears
+    sent: int = 0  # characters of text already sent
+    decoded: int = 0  # tokens whose text is in `text`
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
+
+    def advance(self, tokenizer: Tokenizer, tokens: list[int], done: bool) -> tuple[str, bool]:
+        """Decodes the new tokens → (text that may be sent now, whether a stop string ended the text).
+
+        Byte-level BPE: the text after a cut between whole characters does not depend on the tokens before it, so
+        only the tokens since the last cut are decoded. A partial UTF-8 character waits for its next token; the last
+        len(longest stop) - 1 characters wait until no stop string can start in them."""
+        pending = tokenizer.decode(tokens[self.decoded:])
+        if done or not pending.endswith("\ufffd"):
+            self.text += pending
+            self.decoded = len(tokens)
+        hits = [i for s in self.stop if (i := self.text.find(s, self.sent)) >= 0]  # a match cannot start before `sent`
+        if hits:
+            self.text = self.text[: min(hits)]
+        hold = 0 if done or hits else max(map(len, self.stop), default=1) - 1
+        end = max(self.sent, len(self.text) - hold)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta, bool(hits)
 
 
 class LLMWorker:
@@ -67,8 +88,10 @@ class LLMWorker:
                 self.ready = True
                 self.send(Message("ready", "llm", {"worker": "llm"}))
             return
+        if msg.type == "cancel":
+            return self.cancel(msg.id)
         if msg.type != "embeds":
-            return self.fail(msg.id, ProtocolError(f"the LLM worker takes embeds messages, got {msg.type}"))
+            return self.fail(msg.id, ProtocolError(f"the LLM worker takes embeds and cancel messages, got {msg.type}"))
         self.pending.append((msg, {**msg.fields["timings"], "transport_s": arrived - msg.fields["timings"].get("sent_at", arrived)}))
 
     def admit(self) -> None:
@@ -94,7 +117,7 @@ class LLMWorker:
             raise ProtocolError(f"embeddings are {f['hidden']} wide, this model's hidden size is {self.config.text.hidden_size}", msg.id)
         image, video = (assemble_chunks(msg, k, rows[k], f["hidden"], f["chunk_width"], dtype) for k in ("image", "video"))
         params = SamplingParams(**f["sampling"])
-        stream = Stream(msg.id, len(f["prompt_ids"]), timings)
+        stream = Stream(msg.id, len(f["prompt_ids"]), timings, params.stop)
         embeds, positions, delta = prefill_inputs(
             self.model, self.config, f["prompt_ids"], image, video,
             f["image_grid_thw"], f["video_grid_thw"], f["second_per_grid_ts"],
@@ -106,28 +129,39 @@ class LLMWorker:
 
     def emit(self, seq: Sequence) -> None:
         stream = self.streams[id(seq)]
-        text = self.tokenizer.decode(seq.tokens)
-        done = seq.finish_reason is not None
-        if done or not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-            delta, stream.text = text[len(stream.text):], text
-        else:
-            delta = ""
+        delta, stopped = stream.advance(self.tokenizer, seq.tokens, seq.finish_reason is not None)
+        if stopped:
+            seq.finish_reason = "stop"  # the engine frees the row before its next step
         self.send(Message("token", stream.id, {"token_ids": [seq.tokens[-1]], "text": delta}))
-        if done:
+        if seq.finish_reason is not None:
             del self.streams[id(seq)]
-            decode_s = time.perf_counter() - stream.first_token_at
-            n = len(seq.tokens)
-            timings = {k: v for k, v in stream.timings.items() if k != "sent_at"}
-            timings["decode_tokens_per_s"] = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
-            self.send(Message("finish", stream.id, {
-                "finish_reason": seq.finish_reason, "prompt_tokens": stream.prompt_tokens,
-                "completion_tokens": n, "timings": timings,
-            }))
+            self.finish(stream, seq.finish_reason, len(seq.tokens))
+
+    def cancel(self, rid: str) -> None:
+        """Drops a request the front end no longer wants, queued or decoding, and acknowledges with a finish message."""
+        for i, (msg, _) in enumerate(self.pending):
+            if msg.id == rid:
+                del self.pending[i]
+                return self.finish(Stream(rid, len(msg.fields["prompt_ids"]), {}), "cancelled", 0)
+        for seq in self.engine.active:
+            stream = self.streams.get(id(seq))
+            if stream is not None and stream.id == rid:
+                seq.finish_reason = "cancelled"
+                del self.streams[id(seq)]
+                return self.finish(stream, "cancelled", len(seq.tokens))
+
+    def finish(self, stream: Stream, reason: str, n: int) -> None:
+        decode_s = time.perf_counter() - stream.first_token_at
+        timings = {k: v for k, v in stream.timings.items() if k != "sent_at"}
+        timings["decode_tokens_per_s"] = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
+        self.send(Message("finish", stream.id, {
+            "finish_reason": reason, "prompt_tokens": stream.prompt_tokens, "completion_tokens": n, "timings": timings,
+        }))
 
     def fail(self, rid: str | None, error: Exception) -> None:
         print(f"llm worker: request {rid}: {error}", file=sys.stderr)
         if rid:
-            self.send(Message("error", rid, {"message": f"{type(error).__name__}: {error}"}))
+            self.send(error_message(rid, error))
 
     def send(self, msg: Message) -> None:
         self.results.send_multipart(msg.encode())

@@ -56,6 +56,13 @@ def test_stops_at_eos_with_reason_stop():
     assert out == [(4, None), (10, "stop")]
 
 
+def test_ignore_eos_runs_past_eos_to_max_new_tokens():
+    engine = Engine(CountingModel(), max_batch=1, max_len=64)
+    out = list(engine.generate(torch.tensor([[1.0], [2.0]]), torch.arange(2).expand(3, -1), 0,
+                               SamplingParams(max_new_tokens=3, ignore_eos=True), eos_token_ids=[10]))
+    assert out == [(4, None), (10, None), (23, "length")]  # the tokens of test_greedy_follows_the_model
+
+
 def test_stops_at_max_new_tokens_with_reason_length():
     engine = Engine(CountingModel(), max_batch=1, max_len=64)
     out = list(engine.generate(torch.tensor([[1.0]]), torch.zeros(3, 1, dtype=torch.long), 0,
@@ -148,7 +155,8 @@ def test_same_seed_same_tokens():
     assert draw(7) == draw(7) and draw(7) != draw(8)
 
 
-@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1)])
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
+                                 dict(stop=[""]), dict(stop=[3])])
 def test_bad_sampling_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -170,6 +170,7 @@ def llm_alone(tiny_model):
         pub.send_multipart(frames)
         return front.collect(decode(frames).id, io.StringIO())
 
+    send.front, send.pub = front, pub  # for tests that interleave their own messages
     yield send
     front.close()
 
@@ -221,6 +222,25 @@ def test_a_mis_sized_or_mis_typed_chunk_fails_that_request(llm_alone, recording)
     as_bf16 = torch.frombuffer(bytearray(frames[2]), dtype=torch.float32).to(torch.bfloat16).view(torch.uint8)
     with pytest.raises(RuntimeError, match="chunk 1 is bfloat16, expected float32"):
         llm_alone([msgpack.packb(typed), frames[1], as_bf16.numpy().tobytes(), *frames[3:]])
+
+
+def test_a_cancel_stops_a_decoding_request_frees_its_row_and_is_acknowledged(llm_alone, recording):
+    import msgpack
+
+    path, original = recording
+    frames = read_recording(str(path))[0]
+    header = msgpack.unpackb(frames[0])
+    header["fields"]["sampling"].update(max_new_tokens=100_000, ignore_eos=True)
+    endless = [msgpack.packb(header), *frames[1:]]
+    front, pub = llm_alone.front, llm_alone.pub
+    pub.send_multipart(endless)
+    while (msg := front.receive(timeout_s=60)).id != header["id"]:
+        pass
+    assert msg.type == "token"  # decoding is under way
+    pub.send_multipart(Message("cancel", header["id"], {}).encode())
+    result = front.collect(header["id"], io.StringIO())
+    assert result["finish_reason"] == "cancelled" and 1 <= result["completion_tokens"] < 1000
+    assert llm_alone(tampered(frames, lambda idx: idx))["token_ids"] == original["token_ids"]
 
 
 def test_killing_the_llm_worker_mid_request_is_reported_and_leaves_no_process(tiny_model, image_file):

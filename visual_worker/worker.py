@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from common.config import load_config
-from common.protocol import Message, ProtocolError, chunk_descriptors, decode
+from common.protocol import Message, ProtocolError, chunk_descriptors, decode, error_message
 from common.tokenizer import Tokenizer
 from visual_worker.preprocess import PreprocessConfig, load_image, preprocess_images, preprocess_video
 from visual_worker.vision import VisionTransformer
@@ -57,14 +57,17 @@ class VisualWorker:
         try:
             msg = decode(frames)
             rid = msg.id
-            if msg.type != "request":
-                raise ProtocolError(f"the visual worker takes request messages, got {msg.type}", rid)
-            self.embeds.send_multipart(self.process(msg).encode(), copy=False)
+            if msg.type == "cancel":  # for the LLM worker; it follows the request it names on the embeds queue
+                self.embeds.send_multipart(msg.encode())
+            elif msg.type == "request":
+                self.embeds.send_multipart(self.process(msg).encode(), copy=False)
+            else:
+                raise ProtocolError(f"the visual worker takes request and cancel messages, got {msg.type}", rid)
         except Exception as e:  # this request fails alone; the worker goes on
             rid = rid or getattr(e, "request_id", None)
             print(f"visual worker: request {rid}: {e}", file=sys.stderr)
             if rid is not None:
-                self.results.send_multipart(Message("error", rid, {"message": f"{type(e).__name__}: {e}"}).encode())
+                self.results.send_multipart(error_message(rid, e).encode())
 
     def process(self, msg: Message) -> Message:
         f = msg.fields
