@@ -4,6 +4,7 @@ streams the answer; `replay FILE` feeds a recorded queue into a fresh LLM worker
     python launch.py                                   # embedded default model, bundled example image
     python launch.py --model DIR --image cat.jpg --prompt "What is this?" [--json]
     python launch.py replay run.qvl [--json]
+    python launch.py serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8]
     python launch.py eval --data MMBench_DEV_EN.tsv [--limit N] [--out preds.jsonl] [--mode mcq|open]
 """
 
@@ -111,6 +112,13 @@ def main(argv: list[str]) -> int:
         worker_options(p)
         evaluation.add_arguments(p)
         return evaluation.run(p.parse_args(argv[1:]))
+    if argv[:1] == ["serve"]:
+        from frontend.server import serve, serve_options
+
+        p = argparse.ArgumentParser(prog="launch.py serve", description="OpenAI-compatible chat API over HTTP")
+        worker_options(p)
+        serve_options(p)
+        return serve(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     worker_options(p)
     p.add_argument("--image", action="append", default=None, help="path, http(s) URL or data URI; repeatable")

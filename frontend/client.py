@@ -80,14 +80,16 @@ class Frontend:
         probe.close(linger=0)
         return endpoint
 
-    def start_workers(self, args, visual: bool) -> None:
-        """Starts the LLM worker (and the visual worker when `visual`) with the options in `args`."""
+    def start_workers(self, args, visual: bool, max_batch: int | None = None) -> None:
+        """Starts the LLM worker (and the visual worker when `visual`) with the options in `args`; `max_batch`
+        requests decoded together (default: the LLM worker's)."""
         common = ["--model", str(args.model), "--results", self.endpoints["results"], "--embeds", self.endpoints["embeds"]]
         dtype = ["--dtype", args.dtype] if args.dtype else []
         if visual:
             self.workers.start("visual", "visual_worker", *common, *dtype, "--device", args.visual_device,
                                "--requests", self.endpoints["requests"], "--chunk-width", str(args.chunk_width))
-        self.workers.start("llm", "llm_worker", *common, *dtype, "--device", args.llm_device)
+        batch = ["--max-batch", str(max_batch)] if max_batch else []
+        self.workers.start("llm", "llm_worker", *common, *dtype, *batch, "--device", args.llm_device)
 
     def receive(self, timeout_s: float | None = None) -> Message | None:
         """Next result message, checking the workers every 200 ms; None after timeout_s."""
