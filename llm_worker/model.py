@@ -54,7 +54,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, first_row: int, slots: Tensor, mask: Tensor):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, first_row: int, slots: Tensor, attn: dict):
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, S, hs)
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
@@ -62,8 +62,8 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, hs)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k, v = cache.update(self.layer, first_row, slots, k, v, mask.shape[-1])  # (B, nkv, L, hs)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, S, hs)
+        k, v = cache.update(self.layer, first_row, slots, k, v, attn["length"])  # (B, nkv, L, hs)
+        out = F.scaled_dot_product_attention(q, k, v, attn["mask"], is_causal=attn["causal"], enable_gqa=True)  # (B, nh, S, hs)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -91,9 +91,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, first_row: int, slots: Tensor, mask: Tensor):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, first_row, slots, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, first_row: int, slots: Tensor, attn: dict):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, first_row, slots, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(slots: Tensor, length: int) -> dict:
+    """Which cache slots each token sees: its own sequence's, up to and including its own slot. The two common
+    cases need no mask tensor (so SDPA takes its fused kernels): one prompt prefilled from slot 0 (causal), and a
+    decode step in which every row is at the end of what it attends to."""
+    B, S = slots.shape
+    if B == 1 and S == length:
+        return {"length": length, "mask": None, "causal": True}
+    if S == 1 and bool((slots == length - 1).all()):
+        return {"length": length, "mask": None, "causal": False}
+    mask = torch.arange(length, device=slots.device) <= slots[..., None]  # (B, S, L)
+    return {"length": length, "mask": mask[:, None], "causal": False}  # mask (B, 1, S, L)
 
 
 class Body(nn.Module):
@@ -136,12 +149,11 @@ class LanguageModel(nn.Module):
 
         A token attends to the cache slots of its own sequence up to and including its own slot."""
         length = int(slots.max()) + 1
-        mask = torch.arange(length, device=slots.device) <= slots[..., None]  # (B, S, L)
-        mask = mask[:, None]  # (B, 1, S, L)
+        attn = attention_mask(slots, length)
         cos, sin = mrope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.config.mrope_section, embeds.dtype)
         x = embeds
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, first_row, slots, mask)
+            x = layer(x, cos, sin, cache, first_row, slots, attn)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at]  # (B, C)
         return self.lm_head(self.model.norm(x)).float()

@@ -54,18 +54,18 @@ def test_patch_budget_must_be_a_multiple_of_16_and_fit(vit):
 def test_windows_are_4x4_merged_tokens_and_edge_windows_are_smaller(tiny_model):
     # grid 10x6 patches = 5x3 merged tokens: a 4x3 window (48 patches) above a 1x3 window (12 patches)
     layout = make_layout(load_config(tiny_model).vision, [(1, 10, 6)])
-    assert layout.windows.valid.sum(1).tolist() == [48, 12]
+    assert [tuple(g.shape) for g in layout.windows.gathers] == [(1, 12), (1, 48)]  # (windows, patches) by length
     # merged tokens in window order: rows 0-3 first, then row 4 (ids are row-major over the 5x3 grid)
     assert layout.merged_order.tolist() == list(range(15))
     wide = make_layout(load_config(tiny_model).vision, [(1, 8, 16)])  # 4x8 merged: two 4x4 windows side by side
     assert wide.merged_order.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27,
                                           4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]
-    assert wide.windows.valid is None  # both windows full: no mask
+    assert [tuple(g.shape) for g in wide.windows.gathers] == [(2, 64)]  # both windows full: one batched call
 
 
 def test_full_attention_is_per_video_frame(tiny_model):
     layout = make_layout(load_config(tiny_model).vision, [(3, 4, 4)])
-    assert layout.images.gather.shape == (3, 16)
+    assert [tuple(g.shape) for g in layout.images.gathers] == [(3, 16)]
 
 
 def test_visual_half_reads_only_visual_tensors(tiny_model):

@@ -29,30 +29,26 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class Segments:
-    """Groups of tokens that attend to each other (windows, or whole images), padded to a batch.
+    """Groups of tokens that attend to each other (windows, or whole images), batched by length, so attention
+    needs neither padding nor masks: a handful of batched calls per layer, whatever the number of windows.
 
-    gather[b, j] is the sequence index of the j-th token of group b (N = the appended zero row for padding);
-    valid marks real tokens; scatter[i] is the flat position (b * L + j) that token i was gathered to."""
+    gathers[g][b, j] is the sequence index of the j-th token of the b-th group of length L_g; scatter[i] is where
+    token i sits in the concatenation of the flattened gathers."""
 
-    gather: Tensor  # (B, L) int64
-    valid: Tensor | None  # (B, L) bool; None when every group is full (no mask needed)
+    gathers: list[Tensor]  # [(B_g, L_g) int64, ...]
     scatter: Tensor  # (N,) int64
 
     @classmethod
-    def from_lengths(cls, lengths: list[int], device) -> "Segments":
+    def from_lengths(cls, lengths: list[int]) -> "Segments":
         """Contiguous groups of the given lengths, in sequence order."""
-        B, L, N = len(lengths), max(lengths), sum(lengths)
-        lengths_t = torch.tensor(lengths, device=device)
+        lengths_t = torch.tensor(lengths)
         starts = torch.cumsum(lengths_t, 0) - lengths_t
-        j = torch.arange(L, device=device)
-        valid = j[None, :] < lengths_t[:, None]  # (B, L)
-        gather = torch.where(valid, starts[:, None] + j[None, :], N)
-        scatter = torch.nonzero(valid.flatten()).squeeze(1)  # tokens are in order, so this inverts gather
-        return cls(gather, None if min(lengths) == L else valid, scatter)
+        gathers = [starts[lengths_t == n][:, None] + torch.arange(n) for n in sorted(set(lengths))]
+        scatter = torch.argsort(torch.cat([g.flatten() for g in gathers]))
+        return cls(gathers, scatter)
 
     def to(self, device) -> "Segments":
-        valid = None if self.valid is None else self.valid.to(device)
-        return Segments(self.gather.to(device), valid, self.scatter.to(device))
+        return Segments([g.to(device) for g in self.gathers], self.scatter.to(device))
 
 
 @dataclass
@@ -122,7 +118,7 @@ def make_layout(config: VisionConfig, grid_thw: list[tuple[int, int, int]], pad_
     freqs = torch.cat([freqs, freqs], dim=-1)  # (N, head_dim)
     return VisionLayout(
         freqs.cos(), freqs.sin(), merged_order,
-        Segments.from_lengths(window_lengths, "cpu"), Segments.from_lengths(image_lengths, "cpu"), num_patches,
+        Segments.from_lengths(window_lengths), Segments.from_lengths(image_lengths), num_patches,
     )
 
 
@@ -144,13 +140,11 @@ class VisionAttention(nn.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        B, L = groups.gather.shape
-        # pad row N is zeros; gather each group into its own batch row
-        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, 1))[groups.gather].transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
-        mask = None if groups.valid is None else groups.valid[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(B * L, C)[groups.scatter]  # (N, C), back in sequence order
-        return self.proj(out)
+        outs = []
+        for gather in groups.gathers:  # one call per distinct group length
+            qg, kg, vg = (t[gather].transpose(1, 2) for t in (q, k, v))  # (B_g, nh, L_g, hs)
+            outs.append(F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(-1, C))
+        return self.proj(torch.cat(outs)[groups.scatter])  # (N, C), back in sequence order
 
 
 class VisionMLP(nn.Module):
