@@ -19,7 +19,17 @@ def worker_args(description: str, embeds_help: str) -> argparse.ArgumentParser:
     p.add_argument("--embeds", required=True, help=embeds_help)
     p.add_argument("--results", required=True, help="front end's results endpoint to connect to")
     p.add_argument("--exit-with-parent", action="store_true", help="die when the launching process dies")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, every core)")
     return p
+
+
+def set_threads(n: int | None) -> None:
+    """Two workers on one host each wanting every core make both wait on each other's threads: a CPU op whose
+    threads are not all scheduled stalls for milliseconds, so the launcher gives each worker its share."""
+    if n is not None:
+        if n < 1:
+            sys.exit(f"--threads must be at least 1, got {n}")
+        torch.set_num_threads(n)
 
 
 def resolve_dtype(model_dir, name: str | None) -> torch.dtype:

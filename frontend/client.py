@@ -2,6 +2,7 @@
 turns user inputs (paths, URLs, data URIs, video files) into request messages, and records the embeds queue."""
 
 import base64
+import os
 import subprocess
 import sys
 import tempfile
@@ -83,7 +84,8 @@ class Frontend:
     def start_workers(self, args, visual: bool, max_batch: int | None = None) -> None:
         """Starts the LLM worker (and the visual worker when `visual`) with the options in `args`; `max_batch`
         requests decoded together (default: the LLM worker's)."""
-        common = ["--model", str(args.model), "--results", self.endpoints["results"], "--embeds", self.endpoints["embeds"]]
+        common = ["--model", str(args.model), "--results", self.endpoints["results"], "--embeds", self.endpoints["embeds"],
+                  "--threads", str(max(1, (os.cpu_count() or 2) // 2))]  # the two workers share this host's cores
         dtype = ["--dtype", args.dtype] if args.dtype else []
         if visual:
             self.workers.start("visual", "visual_worker", *common, *dtype, "--device", args.visual_device,

@@ -1,6 +1,6 @@
 """python -m llm_worker: run the LLM worker on its own (another device or host than the visual worker)."""
 
-from common.runtime import die_with_parent, resolve_dtype, worker_args
+from common.runtime import die_with_parent, resolve_dtype, set_threads, worker_args
 from llm_worker.worker import LLMWorker
 
 
@@ -11,6 +11,7 @@ def main() -> None:
     a = p.parse_args()
     if a.exit_with_parent:
         die_with_parent()
+    set_threads(a.threads)
     LLMWorker(a.model, a.device, resolve_dtype(a.model, a.dtype), a.embeds, a.results, a.max_batch, a.max_len).run()
 
 

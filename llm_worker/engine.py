@@ -36,10 +36,18 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
+def argmax_rows(logits: Tensor) -> list[int]:
+    """The index of the largest logit of each row of (B, vocab), the first one on ties as torch.argmax. On CPU,
+    numpy's vectorised argmax takes a 152k vocabulary in a tenth of the time torch's does."""
+    if logits.device.type == "cpu":
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
+
+
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from float32 logits (vocab,): temperature, then top-k, then top-p, as transformers orders them."""
     if params.temperature == 0:
-        return int(logits.argmax())
+        return argmax_rows(logits[None])[0]
     logits = logits / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
@@ -111,10 +119,12 @@ class Engine:
         last = torch.tensor([s.tokens[-1] for s in self.active], device=device)
         slots = torch.tensor([[s.length] for s in self.active], device=device)  # (B, 1)
         positions = (slots + torch.tensor([[s.delta] for s in self.active], device=device))[None].expand(3, -1, -1)
-        logits = self.model(self.model.embed(last[:, None]), positions, slots, self.cache)  # (B, 1, vocab)
-        for seq, row_logits in zip(self.active, logits[:, -1]):
+        logits = self.model(self.model.embed(last[:, None]), positions, slots, self.cache)[:, -1]  # (B, vocab)
+        greedy = argmax_rows(logits)  # one pass for the whole batch
+        for seq, row_logits, best in zip(self.active, logits, greedy):
             seq.length += 1
-            seq.push(sample(row_logits, seq.params, seq.generator), self.max_len)
+            token = best if seq.params.temperature == 0 else sample(row_logits, seq.params, seq.generator)
+            seq.push(token, self.max_len)
         return list(self.active)
 
     def release_finished(self) -> None:

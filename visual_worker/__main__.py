@@ -1,6 +1,6 @@
 """python -m visual_worker: run the visual worker on its own (another device or host than the LLM worker)."""
 
-from common.runtime import die_with_parent, resolve_dtype, worker_args
+from common.runtime import die_with_parent, resolve_dtype, set_threads, worker_args
 from visual_worker.worker import VisualWorker
 
 
@@ -11,6 +11,7 @@ def main() -> None:
     a = p.parse_args()
     if a.exit_with_parent:
         die_with_parent()
+    set_threads(a.threads)
     worker = VisualWorker(a.model, a.device, resolve_dtype(a.model, a.dtype), a.requests, a.embeds, a.results, a.chunk_width)
     worker.run()
 
