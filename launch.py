@@ -5,6 +5,7 @@ streams the answer; `replay FILE` feeds a recorded queue into a fresh LLM worker
     python launch.py --model DIR --image cat.jpg --prompt "What is this?" [--json]
     python launch.py replay run.qvl [--json]
     python launch.py serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8]
+    python launch.py bench [--model DIR | --url http://127.0.0.1:8000] [--concurrency 1,2,4,8]
     python launch.py eval --data MMBench_DEV_EN.tsv [--limit N] [--out preds.jsonl] [--mode mcq|open]
 """
 
@@ -119,6 +120,12 @@ def main(argv: list[str]) -> int:
         worker_options(p)
         serve_options(p)
         return serve(p.parse_args(argv[1:]))
+    if argv[:1] == ["bench"]:
+        from frontend.bench import bench, bench_options
+
+        p = argparse.ArgumentParser(prog="launch.py bench", description="serving benchmark in the manner of vLLM's")
+        bench_options(p, DEFAULT_MODEL)
+        return bench(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     worker_options(p)
     p.add_argument("--image", action="append", default=None, help="path, http(s) URL or data URI; repeatable")
