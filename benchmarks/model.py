@@ -1,0 +1,372 @@
+"""Benchmarks our two halves against transformers' Qwen2_5_VLForConditionalGeneration on one 1280x720 image.
+
+Rows: ViT seconds, prefill seconds, decode tokens/s, peak RSS and load seconds of each half. Every measurement of a
+half runs in its own fresh subprocess (`--worker NAME`), so peak RSS is per half: ours copies only that half's
+tensors into memory; transformers maps the whole checkpoint, and the pages of it that the half touches count.
+Image preprocessing is not timed: the visual half gets random pixel values of the right shape, and the LLM half gets
+random image embeddings, so it needs no ViT. Weights are random, in the real 3B shape (built once with transformers,
+cached), unless --model names a checkpoint. The machine's memory bandwidth bounds decode: the report gives the
+ceiling and how close each side gets. Other processes on the machine disturb the timings; the header says how many
+cores they kept busy, and --rounds keeps each metric's best over interleaved runs.
+
+    python -m benchmarks.model [--quick] [--rounds N] [--model DIR] [--out results/model.json]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from common.config import load_config
+from llm_worker.engine import Engine, SamplingParams
+from llm_worker.inputs import prefill_inputs
+from llm_worker.model import LanguageModel
+from visual_worker.vision import VisionTransformer
+
+IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653
+# the chat template around one image, as the Qwen tokenizer encodes it
+PROMPT_HEAD = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198]  # system, user
+PROMPT_TAIL = [74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198]  # "Describe this image." then assistant
+
+DECODE_TOKENS = 32  # greedy, no EOS stop: the first comes out of prefill, the other 31 are timed as decode
+WARMUP_GRID = (1, 8, 8)  # one small image warms up kernels and allocators before the timed run
+FULL_GRID = (1, 52, 92)  # 1280x720 → smart_resize 1288x728 → 52x92 patches → 1196 visual tokens
+QUICK_GRID = (1, 16, 28)
+
+TEXT_3B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+    num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+    bos_token_id=151643, eos_token_id=151645,
+)
+VISION_3B = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+    fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14, temporal_patch_size=2,
+    spatial_merge_size=2, tokens_per_second=2,
+)
+QUICK_TEXT = {**TEXT_3B, "num_hidden_layers": 4}
+QUICK_VISION = {**VISION_3B, "depth": 4, "fullatt_block_indexes": [1, 3]}
+
+WORKERS = ("ours-visual", "transformers-visual", "ours-llm", "transformers-llm")
+GIB = 2**30
+
+
+def prompt_ids(grid: tuple[int, int, int]) -> list[int]:
+    t, h, w = grid
+    return PROMPT_HEAD + [VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END] + PROMPT_TAIL
+
+
+def random_pixels(grid: tuple[int, int, int]) -> torch.Tensor:
+    t, h, w = grid
+    return torch.randn(t * h * w, 1176, generator=torch.Generator().manual_seed(0))  # float32, as preprocessing gives
+
+
+def random_image_embeds(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
+    t, h, w = grid
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(t * h * w // 4, hidden, generator=g).to(torch.bfloat16)
+
+
+def peak_rss_gib() -> float:
+    """This process's RSS high-water mark. Not ru_maxrss: Linux carries that over from the parent across fork+exec."""
+    status = Path("/proc/self/status").read_text()
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return kib * 1024 / GIB
+
+
+def timed(fn):
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+# ---- the checkpoint ----
+
+
+def ensure_checkpoint(model_dir: Path, quick: bool) -> Path:
+    """Random bf16 weights in the 3B shape (or the --quick shape), written once by transformers' save_pretrained."""
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text, vision = (QUICK_TEXT, QUICK_VISION) if quick else (TEXT_3B, VISION_3B)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+    print(f"writing random weights to {model_dir} (once) ...", file=sys.stderr, flush=True)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)  # std 0.02 normal init
+    partial = model_dir.with_name(model_dir.name + ".partial")
+    model.save_pretrained(partial)
+    partial.rename(model_dir)  # only a complete checkpoint is ever found by the check above
+    os.sync()  # so that writing back gigabytes of dirty pages does not overlap the timings
+    return model_dir
+
+
+# ---- workers: each runs in its own process and prints one JSON line ----
+
+
+def time_vit(embed, grid, repeats: int) -> dict:
+    """Times `embed(pixels, grid)` (pixels float32 → image embeddings), best of `repeats` after one small warm-up."""
+    embed(random_pixels(WARMUP_GRID), WARMUP_GRID)
+    pixels = random_pixels(grid)
+    seconds = min(timed(lambda: embed(pixels, grid))[0] for _ in range(repeats))
+    return {"vit_s": seconds}
+
+
+def ours_visual(model_dir, grid, repeats) -> dict:
+    load_s, vit = timed(lambda: VisionTransformer.from_pretrained(model_dir, dtype=torch.bfloat16))
+    return {"load_s": load_s, **time_vit(lambda pixels, g: vit.embed(pixels, [g]), grid, repeats)}
+
+
+def transformers_visual(model_dir, grid, repeats) -> dict:
+    model, load_s = load_transformers(model_dir)
+
+    def embed(pixels, g):
+        return model.model.visual(pixels.to(torch.bfloat16), grid_thw=torch.tensor([g])).pooler_output
+
+    return {"load_s": load_s, **time_vit(embed, grid, repeats)}
+
+
+def load_transformers(model_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    load_s, model = timed(lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16))
+    return model.eval(), load_s
+
+
+class OursGenerator:
+    """Prefill = prompt embeddings with the image spliced in, M-RoPE ids, forward, first token; then engine steps."""
+
+    def __init__(self, model_dir):
+        self.config = load_config(model_dir)
+        self.model = LanguageModel.from_pretrained(model_dir, dtype=torch.bfloat16)
+
+    def prefill(self, ids, image_embeds, grid) -> int:
+        embeds, positions, delta = prefill_inputs(self.model, self.config, ids, image_embeds, None, [grid])
+        self.engine = Engine(self.model, max_batch=1, max_len=len(ids) + DECODE_TOKENS)
+        self.seq = self.engine.add(embeds, positions, delta, SamplingParams(max_new_tokens=DECODE_TOKENS), [])
+        return self.seq.tokens[-1]
+
+    def decode(self) -> int:
+        self.engine.step()
+        return self.seq.tokens[-1]
+
+    def bytes_per_decode_step(self, context: float) -> dict:
+        """Bytes a decode step must read: every weight once (the embedding table only as the tied lm_head; an untied
+        one contributes a single row), and the keys and values of `context` cached tokens in every layer."""
+        storages = {p.data_ptr(): p.nbytes for p in self.model.parameters()}  # a tied table is one storage, read once
+        weights = sum(storages.values())
+        if not self.config.text.tie_word_embeddings:
+            weights -= self.model.model.embed_tokens.weight.nbytes
+        text = self.config.text
+        kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * context * self.model.dtype.itemsize
+        return {"weights": weights, "kv_cache": kv}
+
+
+class TransformersGenerator:
+    """The same work through transformers' forward: input ids, the image embeddings as precomputed encoder outputs,
+    a DynamicCache, logits of the last token only, greedy argmax."""
+
+    def __init__(self, model_dir):
+        self.model, self.load_s = load_transformers(model_dir)
+
+    def prefill(self, ids, image_embeds, grid) -> int:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        input_ids = torch.tensor([ids])
+        out = self.model(
+            input_ids=input_ids, mm_token_type_ids=(input_ids == IMAGE_PAD).int(), image_grid_thw=torch.tensor([grid]),
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(image_embeds,))},
+            use_cache=True, logits_to_keep=1,
+        )
+        self.cache, self.token = out.cache, int(out.logits[0, -1].argmax())
+        return self.token
+
+    def decode(self) -> int:
+        out = self.model(input_ids=torch.tensor([[self.token]]), cache=self.cache, use_cache=True)
+        self.cache, self.token = out.cache, int(out.logits[0, -1].argmax())
+        return self.token
+
+
+def time_generation(generator, hidden: int, grid, repeats: int) -> dict:
+    """Prefill best of `repeats` after one small warm-up; then DECODE_TOKENS - 1 decode steps timed together."""
+    generator.prefill(prompt_ids(WARMUP_GRID), random_image_embeds(WARMUP_GRID, hidden), WARMUP_GRID)
+    generator.decode()
+    ids, image_embeds = prompt_ids(grid), random_image_embeds(grid, hidden)
+    prefill_s, tokens = float("inf"), []
+    for _ in range(repeats):
+        seconds, first = timed(lambda: generator.prefill(ids, image_embeds, grid))
+        prefill_s, tokens = min(prefill_s, seconds), [first]
+    steps = DECODE_TOKENS - 1
+    decode_s, rest = timed(lambda: [generator.decode() for _ in range(steps)])
+    return {"prompt_tokens": len(ids), "prefill_s": prefill_s, "decode_tok_s": steps / decode_s, "tokens": tokens + rest}
+
+
+def ours_llm(model_dir, grid, repeats) -> dict:
+    load_s, generator = timed(lambda: OursGenerator(model_dir))
+    result = time_generation(generator, generator.config.text.hidden_size, grid, repeats)
+    context = result["prompt_tokens"] + DECODE_TOKENS / 2  # the mean cache length over the decode steps
+    return {"load_s": load_s, **result, "decode_bytes": generator.bytes_per_decode_step(context)}
+
+
+def transformers_llm(model_dir, grid, repeats) -> dict:
+    generator = TransformersGenerator(model_dir)
+    hidden = generator.model.config.text_config.hidden_size
+    return {"load_s": generator.load_s, **time_generation(generator, hidden, grid, repeats)}
+
+
+def bandwidth_worker(_model_dir, _grid, _repeats) -> dict:
+    """Read bandwidth: the sum of a 1 GiB float32 tensor, best of 5 after one warm-up pass."""
+    data = torch.ones(GIB // 4)
+    data.sum()
+    seconds = min(timed(data.sum)[0] for _ in range(5))
+    return {"bytes_per_s": data.nbytes / seconds}
+
+
+WORKER_FUNCTIONS = {
+    "ours-visual": ours_visual, "transformers-visual": transformers_visual,
+    "ours-llm": ours_llm, "transformers-llm": transformers_llm, "bandwidth": bandwidth_worker,
+}
+
+
+def run_worker(args) -> None:
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    with torch.inference_mode():
+        result = WORKER_FUNCTIONS[args.worker](args.model, tuple(args.grid), args.repeats)
+    result.update(peak_rss_gib=peak_rss_gib(), threads=torch.get_num_threads())
+    print(json.dumps(result))
+
+
+# ---- the parent: spawn workers, print the table, write JSON ----
+
+
+def spawn(name: str, model_dir: Path, grid, repeats: int) -> dict:
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "benchmarks.model", "--worker", name, "--model", str(model_dir),
+           "--grid", *map(str, grid), "--repeats", str(repeats)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode:
+        raise SystemExit(f"worker {name} failed with exit code {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+BEST = {"vit_s": min, "prefill_s": min, "decode_tok_s": max, "load_s": min, "peak_rss_gib": min, "bytes_per_s": max}
+
+
+def best_of(runs: list[dict]) -> dict:
+    """Each metric's best over rounds: other processes on the machine can only make a run slower."""
+    return {**runs[-1], **{key: pick(run[key] for run in runs) for key, pick in BEST.items() if key in runs[0]}}
+
+
+def busy_cpu_seconds() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_rounds(model_dir: Path, grid, repeats: int, rounds: int) -> tuple[dict[str, list[dict]], float]:
+    """Every worker `rounds` times, interleaved → each worker's runs, and the cores that other processes kept busy
+    meanwhile on average (anything well above 0 means the timings are disturbed)."""
+    runs = {name: [] for name in (*WORKERS, "bandwidth")}
+    busy, ours, start = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
+    for _ in range(rounds):
+        for name, name_runs in runs.items():
+            name_runs.append(spawn(name, model_dir, grid, repeats))
+    others = (busy_cpu_seconds() - busy) - (children_cpu_seconds() - ours)
+    return runs, others / (time.perf_counter() - start)
+
+
+def table_rows(results: dict) -> list[tuple[str, float, float, float]]:
+    """(label, ours, transformers, ratio); every ratio is < 1 when ours is better."""
+    ov, tv, ol, tl = (results[w] for w in WORKERS)
+    prompt = ol["prompt_tokens"]
+    return [
+        ("ViT s", ov["vit_s"], tv["vit_s"], ov["vit_s"] / tv["vit_s"]),
+        (f"prefill s ({prompt} tokens)", ol["prefill_s"], tl["prefill_s"], ol["prefill_s"] / tl["prefill_s"]),
+        (f"decode tok/s ({DECODE_TOKENS - 1} steps)", ol["decode_tok_s"], tl["decode_tok_s"],
+         tl["decode_tok_s"] / ol["decode_tok_s"]),
+        ("peak RSS visual half GiB", ov["peak_rss_gib"], tv["peak_rss_gib"], ov["peak_rss_gib"] / tv["peak_rss_gib"]),
+        ("peak RSS LLM half GiB", ol["peak_rss_gib"], tl["peak_rss_gib"], ol["peak_rss_gib"] / tl["peak_rss_gib"]),
+        ("load s visual half", ov["load_s"], tv["load_s"], ov["load_s"] / tv["load_s"]),
+        ("load s LLM half", ol["load_s"], tl["load_s"], ol["load_s"] / tl["load_s"]),
+    ]
+
+
+def bandwidth_ceiling(results: dict, bandwidth: float) -> dict:
+    step = results["ours-llm"]["decode_bytes"]
+    step_bytes = step["weights"] + step["kv_cache"]
+    ceiling = bandwidth / step_bytes
+    return {
+        "bandwidth_gb_s": bandwidth / 1e9, "weights_gb": step["weights"] / 1e9, "kv_cache_gb": step["kv_cache"] / 1e9,
+        "ceiling_tok_s": ceiling,
+        "ours_fraction": results["ours-llm"]["decode_tok_s"] / ceiling,
+        "transformers_fraction": results["transformers-llm"]["decode_tok_s"] / ceiling,
+    }
+
+
+def report(header: str, rows, limit: dict) -> str:
+    lines = [header, f"{'':34}{'ours':>10}{'transformers':>14}{'ratio':>8}"]
+    lines += [f"{label:34}{ours:10.3f}{theirs:14.3f}{ratio:8.2f}" for label, ours, theirs, ratio in rows]
+    lines += [
+        "ratio: ours/transformers for seconds and GiB, transformers/ours for tok/s (< 1: ours is better)",
+        f"memory read bandwidth (sum over 1 GiB, best of 5): {limit['bandwidth_gb_s']:.1f} GB/s",
+        f"decode reads per step: weights {limit['weights_gb']:.3f} GB + KV cache {limit['kv_cache_gb']:.3f} GB"
+        f" → ceiling {limit['ceiling_tok_s']:.2f} tok/s; ours reaches {limit['ours_fraction']:.0%},"
+        f" transformers {limit['transformers_fraction']:.0%}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="checkpoint dir (default: random weights, created once in --cache)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/qwen-vl-disagg",
+                        help="where the random checkpoints live")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 text and 4 vision layers, a small image")
+    parser.add_argument("--repeats", type=int, default=1, help="timed ViT and prefill runs per side (best is kept)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every worker, interleaved (best is kept)")
+    parser.add_argument("--out", type=Path, default=Path("results/model.json"))
+    parser.add_argument("--worker", choices=sorted(WORKER_FUNCTIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--grid", type=int, nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return run_worker(args)
+
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    model_dir = args.model or ensure_checkpoint(args.cache / ("bench-quick-random" if args.quick else "bench-3b-random"),
+                                                args.quick)
+    runs, other_cores = run_rounds(model_dir, grid, args.repeats, args.rounds)
+    results = {name: best_of(name_runs) for name, name_runs in runs.items()}
+    limit = bandwidth_ceiling(results, results["bandwidth"]["bytes_per_s"])
+    rows = table_rows(results)
+    text = load_config(model_dir).text
+    t, h, w = grid
+    header = (
+        f"{model_dir} ({text.num_hidden_layers} text layers, hidden {text.hidden_size}), bfloat16, "
+        f"{results['ours-llm']['threads']} threads, best of {args.rounds} round(s); other processes kept "
+        f"{other_cores:.2f} cores busy meanwhile\nimage grid {grid}: {t * h * w} patches, {t * h * w // 4} visual "
+        f"tokens (preprocessing not timed); greedy {DECODE_TOKENS} tokens, no EOS stop; "
+        f"same greedy tokens: {results['ours-llm']['tokens'] == results['transformers-llm']['tokens']}"
+    )
+    print(report(header, rows, limit))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": str(model_dir), "grid": grid, "rows": [dict(zip(("row", "ours", "transformers", "ratio"), r))
+                                                               for r in rows],
+              "decode_limit": limit, "other_processes_cores": other_cores, "runs": runs}
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
