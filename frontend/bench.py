@@ -15,10 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -37,7 +39,7 @@ def bench_options(p, default_model: Path) -> None:
     p.add_argument("--image-size", default="1280x720", help="WIDTHxHEIGHT of the random images")
     p.add_argument("--input-len", type=int, default=128, help="prompt text tokens besides the image")
     p.add_argument("--output-len", type=int, default=256, help="tokens generated per request (ignore_eos)")
-    p.add_argument("--num-prompts", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated concurrency levels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench.json")
@@ -71,18 +73,18 @@ def make_requests(args, tokenizer: Tokenizer) -> list[dict]:
     return requests
 
 
-async def send(client: httpx.AsyncClient, url: str, model: str, message: dict, output_len: int) -> Output:
+async def send(client: aiohttp.ClientSession, url: str, model: str, message: dict, output_len: int) -> Output:
     body = {"model": model, "messages": [message], "max_completion_tokens": output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     out = Output()
     start = last = time.perf_counter()
     try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                out.error = (await r.aread()).decode()
+        async with client.post(f"{url}/v1/chat/completions", json=body) as r:
+            if r.status != 200:
+                out.error = (await r.read()).decode()
                 return out
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in r.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
@@ -99,20 +101,21 @@ async def send(client: httpx.AsyncClient, url: str, model: str, message: dict, o
                     last = now
         out.latency = time.perf_counter() - start
         out.ok = True
-    except httpx.HTTPError as e:
+    except aiohttp.ClientError as e:
         out.error = f"{type(e).__name__}: {e}"
     return out
 
 
 async def warm_up(url: str, model: str, message: dict, output_len: int) -> Output:
-    async with httpx.AsyncClient(timeout=None) as client:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as client:
         return await send(client, url, model, message, output_len)
 
 
 async def run_level(url: str, model: str, requests: list[dict], output_len: int, concurrency: int) -> tuple[list[Output], float]:
     limit = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(requests), desc=f"concurrency {concurrency}", unit="req", file=sys.stderr)
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=concurrency)) as client:
+    session = dict(timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit=concurrency))
+    async with aiohttp.ClientSession(**session) as client:
         async def one(message):
             async with limit:
                 out = await send(client, url, model, message, output_len)
@@ -181,9 +184,9 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited while starting (exit code {proc.returncode})")
         try:
-            if httpx.get(f"{url}/health").status_code == 200:
+            with urllib.request.urlopen(f"{url}/health", timeout=5):
                 return proc, url
-        except httpx.TransportError:
+        except (urllib.error.URLError, ConnectionError):
             pass
         if time.monotonic() > deadline:
             proc.terminate()
@@ -198,7 +201,8 @@ def bench(args) -> int:
     requests = make_requests(args, Tokenizer.from_dir(args.model))
     proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args, max(levels))
     try:
-        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as r:
+            model = json.load(r)["data"][0]["id"]
         warm = asyncio.run(warm_up(url, model, requests[0], args.output_len))
         if not warm.ok:
             raise RuntimeError(f"the warm-up request failed: {warm.error}")
