@@ -250,10 +250,6 @@ class Server:
         if req.model != self.model_name:
             raise APIError(400, f"model {req.model!r} is not served here; this server serves {self.model_name!r}",
                            "model", "model_not_found")
-        try:
-            self.router.check()
-        except WorkerDied as e:
-            raise APIError(503, str(e)) from None
         rid = uuid.uuid4().hex
         msg = await to_request(req, rid)
         try:
