@@ -187,7 +187,7 @@ def build_qwen_tokenizer_files(out_dir) -> None:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokenizer.save(str(out_dir / "tokenizer.json"), pretty=False)  # 8 MB instead of 18.7 MB indented
     config = {
         "add_bos_token": False,
         "add_prefix_space": False,
