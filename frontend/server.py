@@ -7,6 +7,7 @@ Extensions to OpenAI's request, as vLLM has them: `top_k`, `ignore_eos`; a video
 """
 
 import asyncio
+import contextlib
 import json
 import sys
 import threading
@@ -18,9 +19,9 @@ from typing import Annotated, Literal
 import torch
 import uvicorn
 import zmq
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from common.protocol import Message, ProtocolError
@@ -312,6 +313,12 @@ async def _chain(first, rest):
         yield item
 
 
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the request's body has been read: the next ASGI message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def usage_of(finish: Message) -> dict:
     p, c = finish.fields["prompt_tokens"], finish.fields["completion_tokens"]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -342,8 +349,19 @@ def create_app(front: Frontend, model_name: str) -> FastAPI:
         return APIError(400, f"{where}: {first['msg']}{more}", where or None).response()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
-        return await server.chat(req)
+    async def chat_completions(req: ChatRequest, request: Request):
+        """Answers, or gives up when the client goes away first (its request is then cancelled in the workers); once
+        a stream has begun, StreamingResponse watches for that itself."""
+        answer = asyncio.ensure_future(server.chat(req))
+        gone = asyncio.ensure_future(client_gone(request))
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if answer.done():
+            return answer.result()
+        answer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await answer
+        return Response(status_code=499)  # "client closed request"; no one is there to read it
 
     @app.get("/v1/models")
     async def models():

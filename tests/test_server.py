@@ -199,6 +199,28 @@ def test_concurrent_requests_get_the_answers_they_get_alone(client):
         assert [f.result() for f in together] == alone
 
 
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+def test_clients_that_go_away_free_their_rows(client, streamed):
+    # The server decodes 4 requests at once (--max-batch 4). Four clients ask for everything up to the end of the
+    # context (about 4000 tokens: several seconds each) and leave early.
+    def leave(_):
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0,
+                      extra_body={"ignore_eos": True})
+        if streamed:
+            stream = client.chat.completions.create(stream=True, **kwargs)
+            next(stream), next(stream)
+            stream.close()
+        else:
+            with pytest.raises(openai.APITimeoutError):
+                client.with_options(timeout=1.0).chat.completions.create(**kwargs)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(leave, range(4)))
+    start = time.monotonic()
+    ask(client, "Hi", max_tokens=4)
+    assert time.monotonic() - start < 5  # a row is free at once, not after one of the abandoned answers
+
+
 def test_a_dead_worker_is_a_503(tiny_model):
     proc, url = start_server(tiny_model)
     try:
