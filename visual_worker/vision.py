@@ -138,8 +138,9 @@ class VisionAttention(nn.Module):
         N, C = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # (N, nh, hs) each
         cos, sin = cos[:, None, :], sin[:, None, :]
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        q, k = q.float(), k.float()
+        q = (q * cos + rotate_half(q) * sin).to(x.dtype)
+        k = (k * cos + rotate_half(k) * sin).to(x.dtype)
         outs = []
         for gather in groups.gathers:  # one call per distinct group length
             qg, kg, vg = (t[gather].transpose(1, 2) for t in (q, k, v))  # (B_g, nh, L_g, hs)
