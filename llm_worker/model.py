@@ -7,19 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.checkpoint import LANGUAGE, load_module, read_tensors
+from common.layers import RMSNorm, rotate_half
 from common.config import TextConfig, load_config
 from llm_worker.rope import mrope_cos_sin
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class KVCache:
@@ -65,11 +55,6 @@ class Attention(nn.Module):
         k, v = cache.update(self.layer, first_row, slots, k, v, attn["length"])  # (B, nkv, L, hs)
         out = F.scaled_dot_product_attention(q, k, v, attn["mask"], is_causal=attn["causal"], enable_gqa=True)  # (B, nh, S, hs)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
 
 
 class MLP(nn.Module):

@@ -13,18 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.checkpoint import VISUAL, load_module, read_tensors
+from common.layers import RMSNorm, rotate_half
 from common.config import VisionConfig, load_config
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 @dataclass
@@ -120,11 +110,6 @@ def make_layout(config: VisionConfig, grid_thw: list[tuple[int, int, int]], pad_
         freqs.cos(), freqs.sin(), merged_order,
         Segments.from_lengths(window_lengths), Segments.from_lengths(image_lengths), num_patches,
     )
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
 
 
 class VisionAttention(nn.Module):
