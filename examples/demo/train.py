@@ -1,0 +1,287 @@
+"""Trains the embedded demo model (examples/model/): a small Qwen2.5-VL (window attention, M-RoPE, the real
+151,936-token vocabulary, tokenizer and chat template) on the synthetic tasks of examples.demo.tasks, on CPU, with
+transformers' own modules; saves it in Hugging Face layout, bfloat16.
+
+    python -m examples.demo.train --out examples/model                # the shipped model (README, "Demo model")
+    python -m examples.demo.train --steps 0 --out /tmp/random-model    # the same model untrained: a chance baseline
+"""
+
+import argparse
+import copy
+import json
+import math
+import random
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from common.tokenizer import Tokenizer, build_qwen_tokenizer_files
+from examples.demo.tasks import (CHARACTERS, COLOURS, KINDS, OPEN_CATEGORIES, TEXT_LENGTH, choice_questions, make_scene,
+                                 open_questions)
+from frontend.eval import mcq_prompt
+from visual_worker.preprocess import PreprocessConfig, preprocess_images
+
+IM_END, PAD, IMAGE_PAD = 151645, 151643, 151655
+PREPROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+    "min_pixels": 224 * 224, "max_pixels": 280 * 280,  # any image is seen at the scale of the task images
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+TEXT = dict(
+    vocab_size=151936, hidden_size=64,  # 151936 x 64 bf16 = 19.4 MB, tied: the bulk of the checkpoint
+    intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+    # head_dim 16: 8 rotary frequencies from 1 down to 0.1 (theta 14); time takes the 2 fastest, rows the next 3,
+    # columns the 3 slowest. At Qwen's theta 1e6 the column frequencies would barely turn across 10 cells.
+    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 14.0},
+    tie_word_embeddings=True, bos_token_id=151643, eos_token_id=IM_END,
+)
+VISION = dict(
+    depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=64,
+    fullatt_block_indexes=[1, 3], window_size=112, tokens_per_second=2,  # blocks 0 and 2 attend within windows
+)
+TAGS = [f"open {c}" for c in OPEN_CATEGORIES] + ["mcq colour", "mcq count", "mcq text", "mcq position"]
+SCENE_CATEGORIES = ("colour", "count", "text", "grounding", "position")
+AUX = {"kind": len(KINDS) + 1, "colour": len(COLOURS) + 1, "span": 3, "anchor": 2, "char": len(CHARACTERS) + 1,
+       "place": TEXT_LENGTH + 1}  # classes of each cell label (Scene.cell_labels)
+MAX_CELLS = 10  # rows or columns of the largest task image
+POSITION_LAYER = 2  # the language model's hidden state that the row and column probes read
+
+
+INIT_STD = 0.05  # transformers' 0.02 is made for wide models: at width 64 the image barely moves the answer at first
+
+
+def build_model(seed: int) -> Qwen2_5_VLForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(text_config={**TEXT, "initializer_range": INIT_STD}, tie_word_embeddings=True,
+                              vision_config={**VISION, "initializer_range": INIT_STD}, initializer_range=INIT_STD)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def chat_ids(tokenizer: Tokenizer, grid: list[int], prompt: str) -> list[int]:
+    """Prompt ids exactly as the visual worker builds them: chat template, default system prompt, pads expanded."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return tokenizer.expand_vision_pads(tokenizer.encode(tokenizer.apply_chat_template(messages)), [grid], [])
+
+
+def scene_questions(scene, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """(prompt, answer) pairs the scene answers, by tag."""
+    out = defaultdict(list)
+    for q in open_questions(scene):
+        out[f"open {q.category}"].append((q.question, q.answer))
+    for c in choice_questions(scene, rng):
+        out[f"mcq {c.category}"].append((mcq_prompt(c.question, c.hint, dict(zip("ABCD", c.options))), c.answer))
+    return out
+
+
+def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: PreprocessConfig, images: int, per_image: int):
+    """`images` scenes, each made for a category drawn at random, and `per_image` questions about each, tags drawn
+    evenly from those the scene answers. Returns pixel_values, grids, the cells' labels (visual tokens, len(AUX))
+    and [(image index, ids, answer length, tag)]."""
+    scenes, rows = [], []
+    for i in range(images):
+        scenes.append(make_scene(rng, rng.choice(SCENE_CATEGORIES)))
+        pool = scene_questions(scenes[-1], rng)
+        rows += [(i, tag, *rng.choice(pool[tag])) for tag in (rng.choice(sorted(pool)) for _ in range(per_image))]
+    pixels, grids = preprocess_images([scene.draw() for scene in scenes], preprocess)
+    labels = torch.cat([torch.tensor([scene.cell_labels()[name] for name in AUX]).T for scene in scenes])
+    seqs = []
+    for i, tag, prompt, answer in rows:
+        target = tokenizer.encode(answer) + [IM_END]
+        seqs.append((i, chat_ids(tokenizer, grids[i].tolist(), prompt) + target, len(target), tag))
+    return torch.from_numpy(pixels), torch.from_numpy(grids), labels, seqs
+
+
+def task_token_ids(tokenizer: Tokenizer, seed: int, scenes: int = 3000) -> list[int]:
+    """Every token the task prompts and answers use, gathered from many scenes; a batch with any other fails loudly."""
+    rng, ids = random.Random(f"vocabulary {seed}"), {PAD}
+    for _ in range(scenes):
+        for pairs in scene_questions(make_scene(rng, rng.choice(SCENE_CATEGORIES)), rng).values():
+            for prompt, answer in pairs:
+                ids.update(chat_ids(tokenizer, [1, 2, 2], prompt), tokenizer.encode(answer), [IM_END])
+    return sorted(ids)
+
+
+class TaskVocabulary(nn.Module):
+    """The tied embedding as training sees it: rows for the tokens the tasks use are trained, every other row stays
+    zero, so its logit is exactly 0 and the full 151,936-way softmax needs only one log(count) term for all of them.
+    That is the same loss as a full-vocabulary softmax over the saved matrix, at the cost of a few hundred rows."""
+
+    def __init__(self, embedding: nn.Embedding, ids: list[int]):
+        super().__init__()
+        self.ids = torch.tensor(ids)
+        self.index = torch.full((embedding.num_embeddings,), -1)
+        self.index[self.ids] = torch.arange(len(ids))
+        self.table = nn.Parameter(embedding.weight.detach()[self.ids].clone())  # (task tokens, hidden)
+        self.log_zero_mass = math.log(embedding.num_embeddings - len(ids))
+
+    def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.index[token_ids]
+        if (rows < 0).any():
+            raise ValueError(f"token ids {sorted(set(token_ids[rows < 0].tolist()))} are not in the task vocabulary")
+        return rows
+
+    def log_probs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, hidden) -> logits and log-probabilities over the full vocabulary, for the task tokens: (n, task tokens)."""
+        logits = hidden @ self.table.T
+        log_norm = torch.logaddexp(torch.logsumexp(logits, -1), torch.tensor(self.log_zero_mass))
+        return logits, logits - log_norm[:, None]
+
+    def write_into(self, embedding: nn.Embedding) -> None:
+        with torch.no_grad():
+            embedding.weight.zero_()
+            embedding.weight[self.ids] = self.table
+
+
+class AuxiliaryHeads(nn.Module):
+    """Linear probes that read each visual token's cell labels from the ViT's output, and its row and column from
+    the language model's hidden state after POSITION_LAYER layers. Training only: dense targets that teach the
+    towers to see the cells and to turn M-RoPE positions into coordinates; they are not saved."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.cells = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in AUX.items()})
+        self.position = nn.ModuleDict({name: nn.Linear(hidden, MAX_CELLS) for name in ("row", "column")})
+
+    def loss(self, image_embeds, image_hidden, labels, rows, columns) -> torch.Tensor:
+        """image_embeds, image_hidden: (visual tokens, hidden); labels: (visual tokens, len(AUX)); rows, columns:
+        (visual tokens,). The mean of the probes' cross-entropies."""
+        losses = [nn.functional.cross_entropy(head(image_embeds), labels[:, k]) for k, head in enumerate(self.cells.values())]
+        losses += [nn.functional.cross_entropy(self.position[name](image_hidden), target)
+                   for name, target in (("row", rows), ("column", columns))]
+        return torch.stack(losses).mean()
+
+
+def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, labels, seqs):
+    """Teacher forcing: logits and log-probabilities at the answer positions, the answers' rows in the task vocabulary,
+    how many answer tokens each sequence has, and the auxiliary loss. The ViT runs once per image however many
+    questions ask about it."""
+    image_embeds = model.model.visual(pixels, grid_thw=grids).pooler_output  # (visual tokens, hidden)
+    tokens = (grids.prod(-1) // 4).tolist()
+    per_image = image_embeds.split(tokens)
+    length = max(len(ids) for _, ids, _, _ in seqs)
+    input_ids = torch.full((len(seqs), length), PAD)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for b, (_, ids, _, _) in enumerate(seqs):  # right padding
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        mask[b, : len(ids)] = 1
+    is_image = input_ids == IMAGE_PAD
+    embeds = vocab.table[vocab.rows(input_ids)]  # (B, L, hidden)
+    embeds = embeds.masked_scatter(is_image[..., None], torch.cat([per_image[i] for i, _, _, _ in seqs]))
+    seq_grids = grids[[i for i, _, _, _ in seqs]]
+    positions, _ = model.model.get_rope_index(input_ids, is_image.int(), image_grid_thw=seq_grids, attention_mask=mask)
+    out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                                     output_hidden_states=True)
+    first = {}  # each image's visual tokens in the first sequence that shows it
+    for b, (i, _, _, _) in enumerate(seqs):
+        first.setdefault(i, b)
+    image_hidden = torch.cat([out.hidden_states[POSITION_LAYER][first[i]][is_image[first[i]]] for i in range(len(tokens))])
+    width = (grids[:, 2] // 2).repeat_interleave(torch.tensor(tokens))
+    index = torch.cat([torch.arange(n) for n in tokens])
+    aux = heads.loss(image_embeds, image_hidden, labels, index // width, index % width)
+    rows, cols, targets = [], [], []
+    for b, (_, ids, n, _) in enumerate(seqs):
+        start = len(ids) - n  # the hidden state before each answer token predicts it
+        rows += [b] * n
+        cols += range(start - 1, len(ids) - 1)
+        targets += ids[start:]
+    logits, log_probs = vocab.log_probs(out.last_hidden_state[rows, cols])
+    return logits, log_probs, vocab.rows(torch.tensor(targets)), [n for _, _, n, _ in seqs], aux
+
+
+@torch.no_grad()
+def validate(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, batches) -> dict[str, float]:
+    """Per tag, the share of answers whose every token is the argmax under teacher forcing (over the full vocabulary:
+    above the zero logit of the untrained tokens), which is exactly the share greedy decoding gets right."""
+    model.eval()
+    right, total = defaultdict(int), defaultdict(int)
+    for pixels, grids, labels, seqs in batches:
+        logits, _, targets, counts, _ = forward(model, vocab, heads, pixels, grids, labels, seqs)
+        best = logits.max(-1)
+        hits = ((best.indices == targets) & (best.values > 0)).split(counts)
+        for (_, _, _, tag), hit in zip(seqs, hits):
+            right[tag] += bool(hit.all())
+            total[tag] += 1
+    model.train()
+    return {tag: right[tag] / total[tag] for tag in TAGS if total[tag]}
+
+
+def save(model, out: Path) -> None:
+    """The checkpoint in Hugging Face layout, bfloat16 (the model in training is left as it is)."""
+    out.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(out)
+    GenerationConfig(bos_token_id=151643, eos_token_id=[IM_END, 151643], do_sample=False).save_pretrained(out)
+    build_qwen_tokenizer_files(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=6000, help="0 saves the initial random weights")
+    p.add_argument("--seed", type=int, default=0, help="weights and the stream of training tasks")
+    p.add_argument("--images", type=int, default=8, help="images per step")
+    p.add_argument("--questions", type=int, default=6, help="questions per image per step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary per-cell loss")
+    p.add_argument("--eval-every", type=int, default=250, help="validate and save a checkpoint this often")
+    args = p.parse_args()
+
+    model = build_model(args.seed).train()
+    if args.steps == 0:
+        save(model, args.out)
+        return
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        build_qwen_tokenizer_files(tokenizer_dir)
+        tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    preprocess = PreprocessConfig(**{k: PREPROCESSOR[k] for k in ("min_pixels", "max_pixels")})
+    vocab = TaskVocabulary(model.get_input_embeddings(), task_token_ids(tokenizer, args.seed))
+    rng, val_rng = random.Random(args.seed), random.Random(f"validation {args.seed}")
+    val = [sample_batch(val_rng, tokenizer, preprocess, 16, 8) for _ in range(4)]
+    heads = AuxiliaryHeads(TEXT["hidden_size"])
+    params = [vocab.table, *(p for name, p in model.named_parameters() if "embed_tokens" not in name),
+              *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+    def schedule(step: int) -> float:  # linear warmup, then a half cosine down to a tenth
+        return min(1.0, (step + 1) / args.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / args.steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    print(f"{sum(p.numel() for p in params):,} trained parameters ({len(vocab.ids)} task tokens); {args.steps} steps "
+          f"of {args.images} images x {args.questions} questions", flush=True)
+    start, cpu_start, window, losses = time.time(), time.process_time(), time.time(), []
+    clock = lambda: f"{(time.time() - start) / 60:.1f} min, CPU {(time.process_time() - cpu_start) / 60:.1f} min"
+    for step in range(args.steps):
+        batch = sample_batch(rng, tokenizer, preprocess, args.images, args.questions)
+        _, log_probs, targets, counts, aux = forward(model, vocab, heads, *batch)
+        token_loss = -log_probs.gather(1, targets[:, None])[:, 0]
+        answer = torch.stack([t.mean() for t in token_loss.split(counts)]).mean()  # every question weighs the same
+        loss = answer + args.aux_weight * aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append((answer.item(), aux.item()))
+        if (step + 1) % 20 == 0:
+            recent = losses[-20:]
+            print(f"step {step + 1} loss {sum(a for a, _ in recent) / 20:.4f} aux {sum(x for _, x in recent) / 20:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                  f"{(time.time() - window) / 20:.2f} s/step", flush=True)
+            window = time.time()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            scores = validate(model, vocab, heads, val)
+            print(f"step {step + 1} validation " + " ".join(f"{t.replace(' ', '-')} {v:.2f}" for t, v in scores.items())
+                  + f" ({clock()})", flush=True)
+            vocab.write_into(model.get_input_embeddings())
+            save(model, args.out)
+    print(f"saved {args.out} after {args.steps} steps ({clock()})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
