@@ -124,3 +124,20 @@ def test_cell_labels_name_what_each_visual_token_shows():
         else:
             assert "".join(ch for _, ch in placed) == scene.text and placed[-1][0] - placed[0][0] == len(scene.text) - 1
             assert [labels["place"][i] for i, _ in placed] == list(range(1, len(scene.text) + 1))
+
+
+def test_question_cells_are_where_the_answer_is_drawn():
+    rng = random.Random(4)
+    for scene in scenes():
+        labels, cols = scene.cell_labels(), scene.size[0] // CELL
+        at = lambda name, cell: labels[name][cell[1] * cols + cell[0]]
+        for q in open_questions(scene) + choice_questions(scene, rng):
+            if q.category == "count":
+                assert q.cells == ()
+            elif q.category == "text":
+                assert "".join(CHARACTERS[at("char", c) - 1] for c in q.cells) == scene.text
+            else:
+                label = q.question.rstrip("?").split(" the ")[-1]
+                shape = next(s for s in scene.shapes if label in (s.kind, s.label))
+                assert q.cells == ((shape.cell,) if q.category == "grounding" else tuple(shape.cells))
+                assert all(at("colour", c) == list(COLOURS).index(shape.colour) + 1 for c in q.cells)

@@ -129,11 +129,16 @@ class Scene:
         return out
 
 
+Cells = tuple[tuple[int, int], ...]  # (column, row) of grid cells
+
+
 @dataclass(frozen=True)
 class Question:
     category: str  # one of OPEN_CATEGORIES
     question: str
     answer: str
+    cells: Cells = ()  # where the answer is to be read: the shape's cells, its top left cell for a box, the text's
+    # cells in reading order; none for a count (the answer is how many, not what is where)
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,7 @@ class Choice:
     hint: str | None
     options: tuple[str, ...]
     answer: str
+    cells: Cells = ()  # as Question.cells
 
 
 def _font() -> ImageFont.FreeTypeFont:
@@ -256,20 +262,23 @@ def grounding_answer(shape: Shape) -> str:
 
 def open_questions(scene: Scene) -> list[Question]:
     """Every open question the scene answers, by category."""
-    out = [Question("colour", f"What colour is the {s.kind}?", s.colour) for s in _unique(scene, lambda s: s.kind)]
+    out = [Question("colour", f"What colour is the {s.kind}?", s.colour, tuple(s.cells))
+           for s in _unique(scene, lambda s: s.kind)]
     kinds = [s.kind for s in scene.shapes]
     out += [Question("count", f"How many {PLURALS[k]} are there?", str(kinds.count(k))) for k in KINDS]
     if scene.text is not None:
-        out.append(Question("text", "What is written in the box?", scene.text))
-    out += [Question("grounding", f"Where is the {s.label}?", grounding_answer(s)) for s in _unique(scene, lambda s: s.label)]
+        c, r = scene.text_cell
+        out.append(Question("text", "What is written in the box?", scene.text, tuple((c + i, r) for i in range(TEXT_LENGTH))))
+    out += [Question("grounding", f"Where is the {s.label}?", grounding_answer(s), (s.cell,))
+            for s in _unique(scene, lambda s: s.label)]
     return out
 
 
-def _choice(rng: random.Random, category: str, question: str, correct: str, pool: list[str]) -> Choice:
+def _choice(rng: random.Random, category: str, question: str, correct: str, pool: list[str], cells: Cells = ()) -> Choice:
     options = [correct] + rng.sample([p for p in pool if p != correct], 3)
     rng.shuffle(options)
     hint = HINTS[category] if rng.random() < 0.5 else None
-    return Choice(category, question, hint, tuple(options), "ABCD"[options.index(correct)])
+    return Choice(category, question, hint, tuple(options), "ABCD"[options.index(correct)], cells)
 
 
 def _text_distractors(rng: random.Random, text: str) -> list[str]:
@@ -290,14 +299,15 @@ def choice_questions(scene: Scene, rng: random.Random) -> list[Choice]:
     out = []
     for q in open_questions(scene):
         if q.category == "colour":
-            out.append(_choice(rng, "colour", q.question, q.answer, list(COLOURS)))
+            out.append(_choice(rng, "colour", q.question, q.answer, list(COLOURS), q.cells))
         elif q.category == "count":
             out.append(_choice(rng, "count", q.question, q.answer, [str(n) for n in range(MAX_COUNT + 2)]))
         elif q.category == "text":
-            out.append(_choice(rng, "text", q.question, q.answer, _text_distractors(rng, q.answer)))
+            out.append(_choice(rng, "text", q.question, q.answer, _text_distractors(rng, q.answer), q.cells))
     for s in _unique(scene, lambda s: s.label):
         if (quarter := _quarter(s.box, scene.size)) is not None:
-            out.append(_choice(rng, "position", f"In which part of the image is the {s.label}?", quarter, list(QUARTERS)))
+            out.append(_choice(rng, "position", f"In which part of the image is the {s.label}?", quarter, list(QUARTERS),
+                               tuple(s.cells)))
     return out
 
 

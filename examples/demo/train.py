@@ -21,7 +21,7 @@ from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from common.tokenizer import Tokenizer, build_qwen_tokenizer_files
-from examples.demo.tasks import (CHARACTERS, COLOURS, KINDS, OPEN_CATEGORIES, TEXT_LENGTH, choice_questions, make_scene,
+from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, OPEN_CATEGORIES, TEXT_LENGTH, choice_questions, make_scene,
                                  open_questions)
 from frontend.eval import mcq_prompt
 from visual_worker.preprocess import PreprocessConfig, preprocess_images
@@ -35,10 +35,13 @@ PREPROCESSOR = {
 }
 TEXT = dict(
     vocab_size=151936, hidden_size=64,  # 151936 x 64 bf16 = 19.4 MB, tied: the bulk of the checkpoint
-    intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-    # head_dim 16: 8 rotary frequencies from 1 down to 0.1 (theta 14); time takes the 2 fastest, rows the next 3,
-    # columns the 3 slowest. At Qwen's theta 1e6 the column frequencies would barely turn across 10 cells.
-    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 14.0},
+    intermediate_size=256, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6,
+    # head_dim 32: 16 rotary frequencies from 1 down to 0.003 (theta 500); time takes the 2 fastest, rows the next
+    # 3 (0.46-0.21 rad a cell), columns the other 11 (0.14 down to 0.003). A column or row turns enough to be told
+    # from its neighbours, and the slowest column frequencies barely turn across a prompt, so an answer can find an
+    # image token by its content however far back it is. (At Qwen's theta 1e6, columns would barely turn at all;
+    # at a small theta every frequency would turn too fast to match content across a long prompt.)
+    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 11], "rope_theta": 500.0},
     tie_word_embeddings=True, bos_token_id=151643, eos_token_id=IM_END,
 )
 VISION = dict(
@@ -51,8 +54,11 @@ AUX = {"kind": len(KINDS) + 1, "colour": len(COLOURS) + 1, "span": 3, "anchor": 
        "place": TEXT_LENGTH + 1}  # classes of each cell label (Scene.cell_labels)
 MAX_CELLS = 10  # rows or columns of the largest task image
 POSITION_LAYER = 2  # the language model's hidden state that the row and column probes read
+FOCUS_LAYER = 3  # the language model layer whose first head is taught where each answer is to be read
+OPTION_LAYER = 5  # and the layer whose first head is taught which option of a multiple-choice prompt is right
 
 
+EMBED_STD = 1.0
 INIT_STD = 0.05  # transformers' 0.02 is made for wide models: at width 64 the image barely moves the answer at first
 
 
@@ -60,7 +66,9 @@ def build_model(seed: int) -> Qwen2_5_VLForConditionalGeneration:
     torch.manual_seed(seed)
     config = Qwen2_5_VLConfig(text_config={**TEXT, "initializer_range": INIT_STD}, tie_word_embeddings=True,
                               vision_config={**VISION, "initializer_range": INIT_STD}, initializer_range=INIT_STD)
-    return Qwen2_5_VLForConditionalGeneration(config)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.set_attn_implementation("eager")  # training reads the attention weights (the focus loss)
+    return model
 
 
 def chat_ids(tokenizer: Tokenizer, grid: list[int], prompt: str) -> list[int]:
@@ -69,20 +77,32 @@ def chat_ids(tokenizer: Tokenizer, grid: list[int], prompt: str) -> list[int]:
     return tokenizer.expand_vision_pads(tokenizer.encode(tokenizer.apply_chat_template(messages)), [grid], [])
 
 
-def scene_questions(scene, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
-    """(prompt, answer) pairs the scene answers, by tag."""
+def option_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, letter: str, option: str) -> list[int]:
+    """Where the text of option `letter` sits in chat_ids(tokenizer, grid, prompt)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = tokenizer.apply_chat_template(messages)
+    start = text.index(f"\n{letter}. {option}\n") + 3  # the space before the option: a word boundary of the tokenizer
+    first, end = len(tokenizer.encode(text[:start])), len(tokenizer.encode(text[: start + 1 + len(option)]))
+    shift = math.prod(grid) // 4 - 1  # the image pad before them expands to one pad a visual token
+    return list(range(first + shift, end + shift))
+
+
+def scene_questions(scene, rng: random.Random) -> dict[str, list[tuple[str, str, tuple, str | None]]]:
+    """(prompt, answer, cells the answer is read from, the right option's text or None) the scene answers, by tag."""
     out = defaultdict(list)
     for q in open_questions(scene):
-        out[f"open {q.category}"].append((q.question, q.answer))
+        out[f"open {q.category}"].append((q.question, q.answer, q.cells, None))
     for c in choice_questions(scene, rng):
-        out[f"mcq {c.category}"].append((mcq_prompt(c.question, c.hint, dict(zip("ABCD", c.options))), c.answer))
+        prompt = mcq_prompt(c.question, c.hint, dict(zip("ABCD", c.options)))
+        out[f"mcq {c.category}"].append((prompt, c.answer, c.cells, c.options["ABCD".index(c.answer)]))
     return out
 
 
 def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: PreprocessConfig, images: int, per_image: int):
     """`images` scenes, each made for a category drawn at random, and `per_image` questions about each, tags drawn
     evenly from those the scene answers. Returns pixel_values, grids, the cells' labels (visual tokens, len(AUX))
-    and [(image index, ids, answer length, tag)]."""
+    and [(image index, ids, answer length, tag, focus, option)]: focus is the visual tokens each answer token is
+    read from, option the positions of the right option's text in a multiple-choice prompt."""
     scenes, rows = [], []
     for i in range(images):
         scenes.append(make_scene(rng, rng.choice(SCENE_CATEGORIES)))
@@ -91,9 +111,16 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
     pixels, grids = preprocess_images([scene.draw() for scene in scenes], preprocess)
     labels = torch.cat([torch.tensor([scene.cell_labels()[name] for name in AUX]).T for scene in scenes])
     seqs = []
-    for i, tag, prompt, answer in rows:
+    for i, tag, prompt, answer, cells, option in rows:
         target = tokenizer.encode(answer) + [IM_END]
-        seqs.append((i, chat_ids(tokenizer, grids[i].tolist(), prompt) + target, len(target), tag))
+        tokens = [r * (scenes[i].size[0] // CELL) + c for c, r in cells]
+        if tag.endswith("text"):  # each character from its own cell, the end from all three
+            focus = [[t] for t in tokens] + [tokens] * (len(target) - len(tokens))
+        else:
+            focus = [tokens] * len(target)
+        grid = grids[i].tolist()
+        option = [] if option is None else option_positions(tokenizer, grid, prompt, answer, option)
+        seqs.append((i, chat_ids(tokenizer, grid, prompt) + target, len(target), tag, focus, option))
     return torch.from_numpy(pixels), torch.from_numpy(grids), labels, seqs
 
 
@@ -102,7 +129,7 @@ def task_token_ids(tokenizer: Tokenizer, seed: int, scenes: int = 3000) -> list[
     rng, ids = random.Random(f"vocabulary {seed}"), {PAD}
     for _ in range(scenes):
         for pairs in scene_questions(make_scene(rng, rng.choice(SCENE_CATEGORIES)), rng).values():
-            for prompt, answer in pairs:
+            for prompt, answer, *_ in pairs:
                 ids.update(chat_ids(tokenizer, [1, 2, 2], prompt), tokenizer.encode(answer), [IM_END])
     return sorted(ids)
 
@@ -117,7 +144,9 @@ class TaskVocabulary(nn.Module):
         self.ids = torch.tensor(ids)
         self.index = torch.full((embedding.num_embeddings,), -1)
         self.index[self.ids] = torch.arange(len(ids))
-        self.table = nn.Parameter(embedding.weight.detach()[self.ids].clone())  # (task tokens, hidden)
+        # (task tokens, hidden), at std EMBED_STD: a word must stay visible in its residual stream, or no answer can
+        # read the question (at 0.05 the first layer's output drowns it and only question-blind answers are learned)
+        self.table = nn.Parameter(torch.randn(len(ids), embedding.embedding_dim) * EMBED_STD)
         self.log_zero_mass = math.log(embedding.num_embeddings - len(ids))
 
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -164,34 +193,41 @@ def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, 
     image_embeds = model.model.visual(pixels, grid_thw=grids).pooler_output  # (visual tokens, hidden)
     tokens = (grids.prod(-1) // 4).tolist()
     per_image = image_embeds.split(tokens)
-    length = max(len(ids) for _, ids, _, _ in seqs)
+    length = max(len(ids) for _, ids, *_ in seqs)
     input_ids = torch.full((len(seqs), length), PAD)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for b, (_, ids, _, _) in enumerate(seqs):  # right padding
+    for b, (_, ids, *_) in enumerate(seqs):  # right padding
         input_ids[b, : len(ids)] = torch.tensor(ids)
         mask[b, : len(ids)] = 1
     is_image = input_ids == IMAGE_PAD
     embeds = vocab.table[vocab.rows(input_ids)]  # (B, L, hidden)
-    embeds = embeds.masked_scatter(is_image[..., None], torch.cat([per_image[i] for i, _, _, _ in seqs]))
-    seq_grids = grids[[i for i, _, _, _ in seqs]]
+    embeds = embeds.masked_scatter(is_image[..., None], torch.cat([per_image[i] for i, *_ in seqs]))
+    seq_grids = grids[[i for i, *_ in seqs]]
     positions, _ = model.model.get_rope_index(input_ids, is_image.int(), image_grid_thw=seq_grids, attention_mask=mask)
     out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                                     output_hidden_states=True)
+                                     output_hidden_states=True, output_attentions=True)
     first = {}  # each image's visual tokens in the first sequence that shows it
-    for b, (i, _, _, _) in enumerate(seqs):
+    for b, (i, *_) in enumerate(seqs):
         first.setdefault(i, b)
     image_hidden = torch.cat([out.hidden_states[POSITION_LAYER][first[i]][is_image[first[i]]] for i in range(len(tokens))])
     width = (grids[:, 2] // 2).repeat_interleave(torch.tensor(tokens))
     index = torch.cat([torch.arange(n) for n in tokens])
     aux = heads.loss(image_embeds, image_hidden, labels, index // width, index % width)
-    rows, cols, targets = [], [], []
-    for b, (_, ids, n, _) in enumerate(seqs):
+    rows, cols, targets, masses = [], [], [], []
+    attention = out.attentions[FOCUS_LAYER][:, 0]  # (B, L, L): the first head of the focus layer
+    for b, (_, ids, n, _, focus, option) in enumerate(seqs):
         start = len(ids) - n  # the hidden state before each answer token predicts it
         rows += [b] * n
         cols += range(start - 1, len(ids) - 1)
         targets += ids[start:]
+        image_positions = is_image[b].nonzero()[:, 0]
+        masses += [attention[b, start - 1 + k, image_positions[f]].sum() for k, f in enumerate(focus) if f]
+        if option:  # and the option head, where the letter is given, on the right option's text
+            masses.append(out.attentions[OPTION_LAYER][b, 0, start - 1, option].sum())
+    if masses:  # the focus head puts its attention on the cells the answer is read from
+        aux = aux + -torch.log(torch.stack(masses) + 1e-6).mean()
     logits, log_probs = vocab.log_probs(out.last_hidden_state[rows, cols])
-    return logits, log_probs, vocab.rows(torch.tensor(targets)), [n for _, _, n, _ in seqs], aux
+    return logits, log_probs, vocab.rows(torch.tensor(targets)), [n for _, _, n, *_ in seqs], aux
 
 
 @torch.no_grad()
@@ -204,7 +240,7 @@ def validate(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, batches) -> di
         logits, _, targets, counts, _ = forward(model, vocab, heads, pixels, grids, labels, seqs)
         best = logits.max(-1)
         hits = ((best.indices == targets) & (best.values > 0)).split(counts)
-        for (_, _, _, tag), hit in zip(seqs, hits):
+        for (_, _, _, tag, *_), hit in zip(seqs, hits):
             right[tag] += bool(hit.all())
             total[tag] += 1
     model.train()
@@ -223,7 +259,7 @@ def save(model, out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=6000, help="0 saves the initial random weights")
+    p.add_argument("--steps", type=int, default=3000, help="0 saves the initial random weights")
     p.add_argument("--seed", type=int, default=0, help="weights and the stream of training tasks")
     p.add_argument("--images", type=int, default=8, help="images per step")
     p.add_argument("--questions", type=int, default=6, help="questions per image per step")
