@@ -25,7 +25,7 @@ from frontend.client import READY_TIMEOUT_S, Frontend, Recorder, WorkerDied, fet
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "examples" / "model"
 DEFAULT_IMAGE = HERE / "examples" / "images" / "shapes.png"
-DEFAULT_PROMPT = "What colour is the triangle?"
+DEFAULT_PROMPT = "What is written in the box?"
 
 
 def build_request(args) -> Message:

@@ -264,8 +264,8 @@ def open_questions(scene: Scene) -> list[Question]:
     """Every open question the scene answers, by category."""
     out = [Question("colour", f"What colour is the {s.kind}?", s.colour, tuple(s.cells))
            for s in _unique(scene, lambda s: s.kind)]
-    kinds = [s.kind for s in scene.shapes]
-    out += [Question("count", f"How many {PLURALS[k]} are there?", str(kinds.count(k))) for k in KINDS]
+    kinds = [s.kind for s in scene.shapes]  # counts are asked of the kinds in the picture: answers run 1 to MAX_COUNT
+    out += [Question("count", f"How many {PLURALS[k]} are there?", str(kinds.count(k))) for k in KINDS if k in kinds]
     if scene.text is not None:
         c, r = scene.text_cell
         out.append(Question("text", "What is written in the box?", scene.text, tuple((c + i, r) for i in range(TEXT_LENGTH))))

@@ -21,8 +21,8 @@ from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from common.tokenizer import Tokenizer, build_qwen_tokenizer_files
-from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, OPEN_CATEGORIES, TEXT_LENGTH, choice_questions, make_scene,
-                                 open_questions)
+from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, OPEN_CATEGORIES, PLURALS, TEXT_LENGTH, choice_questions,
+                                 make_scene, open_questions)
 from frontend.eval import mcq_prompt
 from visual_worker.preprocess import PreprocessConfig, preprocess_images
 
@@ -62,11 +62,15 @@ EMBED_STD = 1.0
 INIT_STD = 0.05  # transformers' 0.02 is made for wide models: at width 64 the image barely moves the answer at first
 
 
-def build_model(seed: int) -> Qwen2_5_VLForConditionalGeneration:
+def build_model(seed: int, init: Path | None = None) -> Qwen2_5_VLForConditionalGeneration:
+    """Fresh weights from `seed`, or the weights of the checkpoint `init` (to train on from a saved step)."""
     torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(text_config={**TEXT, "initializer_range": INIT_STD}, tie_word_embeddings=True,
-                              vision_config={**VISION, "initializer_range": INIT_STD}, initializer_range=INIT_STD)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    if init is not None:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    else:
+        config = Qwen2_5_VLConfig(text_config={**TEXT, "initializer_range": INIT_STD}, tie_word_embeddings=True,
+                                  vision_config={**VISION, "initializer_range": INIT_STD}, initializer_range=INIT_STD)
+        model = Qwen2_5_VLForConditionalGeneration(config)
     model.set_attn_implementation("eager")  # training reads the attention weights (the focus loss)
     return model
 
@@ -87,12 +91,18 @@ def option_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, letter:
     return list(range(first + shift, end + shift))
 
 
-def scene_questions(scene, rng: random.Random) -> dict[str, list[tuple[str, str, tuple, str | None]]]:
-    """(prompt, answer, cells the answer is read from, the right option's text or None) the scene answers, by tag."""
+def scene_questions(scene, rng: random.Random, category: str) -> dict[str, list[tuple[str, str, tuple, str | None]]]:
+    """(prompt, answer, cells the answer is read from, the right option's text or None) the scene answers, by tag.
+    A scene made for counting is asked only about the kind it was made to count, whose count runs from 1 to
+    MAX_COUNT evenly, as in the held-out rows (elsewhere most counts are 1)."""
+    counted = f" {PLURALS[scene.shapes[0].kind]} " if category == "count" else " "
     out = defaultdict(list)
     for q in open_questions(scene):
-        out[f"open {q.category}"].append((q.question, q.answer, q.cells, None))
+        if q.category != "count" or counted in q.question:
+            out[f"open {q.category}"].append((q.question, q.answer, q.cells, None))
     for c in choice_questions(scene, rng):
+        if c.category == "count" and counted not in c.question:
+            continue
         prompt = mcq_prompt(c.question, c.hint, dict(zip("ABCD", c.options)))
         out[f"mcq {c.category}"].append((prompt, c.answer, c.cells, c.options["ABCD".index(c.answer)]))
     return out
@@ -105,8 +115,9 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
     read from, option the positions of the right option's text in a multiple-choice prompt."""
     scenes, rows = [], []
     for i in range(images):
-        scenes.append(make_scene(rng, rng.choice(SCENE_CATEGORIES)))
-        pool = scene_questions(scenes[-1], rng)
+        category = rng.choice(SCENE_CATEGORIES)
+        scenes.append(make_scene(rng, category))
+        pool = scene_questions(scenes[-1], rng, category)
         rows += [(i, tag, *rng.choice(pool[tag])) for tag in (rng.choice(sorted(pool)) for _ in range(per_image))]
     pixels, grids = preprocess_images([scene.draw() for scene in scenes], preprocess)
     labels = torch.cat([torch.tensor([scene.cell_labels()[name] for name in AUX]).T for scene in scenes])
@@ -128,7 +139,8 @@ def task_token_ids(tokenizer: Tokenizer, seed: int, scenes: int = 3000) -> list[
     """Every token the task prompts and answers use, gathered from many scenes; a batch with any other fails loudly."""
     rng, ids = random.Random(f"vocabulary {seed}"), {PAD}
     for _ in range(scenes):
-        for pairs in scene_questions(make_scene(rng, rng.choice(SCENE_CATEGORIES)), rng).values():
+        category = rng.choice(SCENE_CATEGORIES)
+        for pairs in scene_questions(make_scene(rng, category), rng, category).values():
             for prompt, answer, *_ in pairs:
                 ids.update(chat_ids(tokenizer, [1, 2, 2], prompt), tokenizer.encode(answer), [IM_END])
     return sorted(ids)
@@ -139,14 +151,15 @@ class TaskVocabulary(nn.Module):
     zero, so its logit is exactly 0 and the full 151,936-way softmax needs only one log(count) term for all of them.
     That is the same loss as a full-vocabulary softmax over the saved matrix, at the cost of a few hundred rows."""
 
-    def __init__(self, embedding: nn.Embedding, ids: list[int]):
+    def __init__(self, embedding: nn.Embedding, ids: list[int], trained: bool):
         super().__init__()
         self.ids = torch.tensor(ids)
         self.index = torch.full((embedding.num_embeddings,), -1)
         self.index[self.ids] = torch.arange(len(ids))
         # (task tokens, hidden), at std EMBED_STD: a word must stay visible in its residual stream, or no answer can
         # read the question (at 0.05 the first layer's output drowns it and only question-blind answers are learned)
-        self.table = nn.Parameter(torch.randn(len(ids), embedding.embedding_dim) * EMBED_STD)
+        fresh = torch.randn(len(ids), embedding.embedding_dim) * EMBED_STD
+        self.table = nn.Parameter(embedding.weight[self.ids].detach().clone() if trained else fresh)
         self.log_zero_mass = math.log(embedding.num_embeddings - len(ids))
 
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -261,6 +274,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=3000, help="0 saves the initial random weights")
     p.add_argument("--seed", type=int, default=0, help="weights and the stream of training tasks")
+    p.add_argument("--init", type=Path, help="train on from the weights of this checkpoint instead of fresh ones")
     p.add_argument("--images", type=int, default=8, help="images per step")
     p.add_argument("--questions", type=int, default=6, help="questions per image per step")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -269,7 +283,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=250, help="validate and save a checkpoint this often")
     args = p.parse_args()
 
-    model = build_model(args.seed).train()
+    model = build_model(args.seed, args.init).train()
     if args.steps == 0:
         save(model, args.out)
         return
@@ -277,7 +291,7 @@ def main() -> None:
         build_qwen_tokenizer_files(tokenizer_dir)
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
     preprocess = PreprocessConfig(**{k: PREPROCESSOR[k] for k in ("min_pixels", "max_pixels")})
-    vocab = TaskVocabulary(model.get_input_embeddings(), task_token_ids(tokenizer, args.seed))
+    vocab = TaskVocabulary(model.get_input_embeddings(), task_token_ids(tokenizer, args.seed), args.init is not None)
     rng, val_rng = random.Random(args.seed), random.Random(f"validation {args.seed}")
     val = [sample_batch(val_rng, tokenizer, preprocess, 16, 8) for _ in range(4)]
     heads = AuxiliaryHeads(TEXT["hidden_size"])
