@@ -37,13 +37,14 @@ class KVCache:
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """One query per row: q (B, nh, 1, hs), k and v (B, nkv, L, hs), mask (B, 1, 1, L) or None → (B, nh, 1, hs).
     Two batched matmuls with the query heads of a KV head side by side; for a single query they beat the fused
-    SDPA kernels (CPU, bfloat16: 2x at batch 8 here, 9x on the 3B shape). Scores are softmaxed in float32."""
+    SDPA kernels (CPU, bfloat16: 2x at batch 8 here, 9x on the 3B shape). Like those kernels it works in float32
+    whatever the cache's dtype (scores rounded to bfloat16 flip near-tied greedy tokens)."""
     B, nh, _, hs = q.shape
     n_kv = k.shape[1]
-    scores = (q.view(B, n_kv, nh // n_kv, hs) @ k.transpose(-1, -2)).float() * hs**-0.5  # (B, nkv, nh/nkv, L)
+    scores = (q.view(B, n_kv, nh // n_kv, hs).float() @ k.float().transpose(-1, -2)) * hs**-0.5  # (B, nkv, nh/nkv, L)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).view(B, nh, 1, hs)
+    return (scores.softmax(-1) @ v.float()).to(q.dtype).view(B, nh, 1, hs)
 
 
 class Attention(nn.Module):

@@ -2,9 +2,11 @@
 151,936-token vocabulary, tokenizer and chat template) on the synthetic tasks of examples.demo.tasks, on CPU, with
 transformers' own modules; saves it in Hugging Face layout, bfloat16.
 
-    python -m examples.demo.train --out examples/model                # the shipped model (README, "Demo model")
+    python -m examples.demo.train --out /tmp/stage1                   # from fresh weights
+    python -m examples.demo.train --init /tmp/stage1 --seed 1 --lr 1e-3 --warmup 100 --out /tmp/stage2   # train on
     python -m examples.demo.train --steps 0 --out /tmp/random-model    # the same model untrained: a chance baseline
-"""
+
+The shipped model's stages, steps and durations are in README, "Demo model"."""
 
 import argparse
 import copy
