@@ -2,23 +2,17 @@
 that answers there exactly as our pipeline does; `python launch.py` with no arguments answers the question about
 the bundled image correctly; `launch.py eval` scores a handful of held-out rows."""
 
-import io
 import json
 import random
-import subprocess
-import sys
-import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-from common.protocol import Message
 from examples.demo.tasks import choice_questions, example_scene, open_questions, write_tsvs
-from frontend.client import Frontend
 from frontend.eval import mcq_prompt
+from tests.test_pipeline import reference_tokens, request, run_launch, running_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "model"
@@ -51,55 +45,18 @@ def reference():
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(MODEL, dtype=torch.float32).eval()
 
 
-def reference_tokens(reference, prompt: str, image: bytes, max_new_tokens: int) -> list[int]:
-    """transformers end to end, all from the checkpoint directory: AutoTokenizer and its chat template, the PIL
-    image processor with the checkpoint's preprocessor_config.json, generate()."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tok = AutoTokenizer.from_pretrained(MODEL)
-    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-                                   tokenize=False, add_generation_prompt=True)
-    pixels = Qwen2VLImageProcessorPil.from_pretrained(MODEL)(images=[Image.open(io.BytesIO(image))], return_tensors="pt")
-    text = text.replace("<|image_pad|>", "<|image_pad|>" * int(pixels["image_grid_thw"][0].prod() // 4))
-    input_ids = torch.tensor([tok(text)["input_ids"]])
-    with torch.no_grad():
-        out = reference.generate(input_ids=input_ids, mm_token_type_ids=(input_ids == 151655).int(),
-                                 pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
-                                 max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, input_ids.shape[1]:].tolist()
-
-
 @pytest.fixture(scope="module")
 def pipeline():
     """Both workers on the demo model, float32 as the reference runs."""
-    front = Frontend("ipc")
-    front.start_workers(SimpleNamespace(model=MODEL, dtype="float32", visual_device="cpu", llm_device="cpu",
-                                        chunk_width=640), visual=True)
-    front.wait_ready({"visual", "llm"})
-
-    def ask(prompt: str, image: bytes, max_new_tokens: int) -> dict:
-        fields = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-                  "sampling": {"max_new_tokens": max_new_tokens}}
-        msg = Message("request", uuid.uuid4().hex, fields, [({"name": "image"}, torch.frombuffer(bytearray(image), dtype=torch.uint8))])
-        front.requests.send_multipart(msg.encode())
-        return front.collect(msg.id, io.StringIO())
-
-    yield ask
-    front.close()
+    yield from running_pipeline(MODEL, chunk_width=640)
 
 
 @pytest.mark.parametrize("prompt", QUESTIONS + CHOICES)
 def test_pipeline_answers_equal_transformers_on_the_bundled_image(pipeline, reference, prompt):
-    image = IMAGE.read_bytes()
-    result = pipeline(prompt, image, 40)
-    assert result["token_ids"] == reference_tokens(reference, prompt, image, 40)
+    case = dict(prompt=prompt, images=[IMAGE.read_bytes()], max_new_tokens=40)
+    result = pipeline(request(**case))
+    assert result["token_ids"] == reference_tokens(reference, MODEL, **case)
     assert result["finish_reason"] == "stop"
-
-
-def run_launch(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_launch_with_no_arguments_answers_the_default_question_correctly():

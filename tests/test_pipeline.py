@@ -43,7 +43,8 @@ def reference_tokens(reference, model_dir, prompt, images=(), video=None, fps=2.
                                    tokenize=False, add_generation_prompt=True)
     kwargs = {}
     if images:
-        out = Qwen2VLImageProcessorPil()(images=[Image.open(io.BytesIO(b)) for b in images], return_tensors="pt")
+        processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)  # the checkpoint's min/max pixels
+        out = processor(images=[Image.open(io.BytesIO(b)) for b in images], return_tensors="pt")
         for grid in out["image_grid_thw"]:
             text = text.replace("<|image_pad|>", "<|placeholder|>" * int(grid.prod() // 4), 1)
         kwargs.update(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"])
@@ -72,11 +73,10 @@ def request(prompt, images=(), video=None, fps=2.0, max_new_tokens=10) -> Messag
     return Message("request", uuid.uuid4().hex, fields, tensors)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tiny_model):
-    """Both workers as real processes, float32, for the whole module."""
+def running_pipeline(model: Path, chunk_width: int):
+    """Both workers as real processes, float32; yields ask(request message) → the collected result."""
     front = Frontend("ipc")
-    args = SimpleNamespace(model=tiny_model, dtype="float32", visual_device="cpu", llm_device="cpu", chunk_width=24)
+    args = SimpleNamespace(model=model, dtype="float32", visual_device="cpu", llm_device="cpu", chunk_width=chunk_width)
     front.start_workers(args, visual=True)
     front.wait_ready({"visual", "llm"})
 
@@ -86,6 +86,12 @@ def pipeline(tiny_model):
 
     yield ask
     front.close()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model):
+    """For the whole module."""
+    yield from running_pipeline(tiny_model, chunk_width=24)
 
 
 CASES = {
