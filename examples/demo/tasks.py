@@ -311,14 +311,17 @@ def choice_questions(scene: Scene, rng: random.Random) -> list[Choice]:
     return out
 
 
+def counted(scene: Scene) -> str:
+    """The question a scene made for counting is asked: about the kind make_scene put first, so that its counts run
+    from 1 to MAX_COUNT evenly (of the other kinds in the picture, most counts are 1)."""
+    return f"How many {PLURALS[scene.shapes[0].kind]} are there?"
+
+
 def _row(rng: random.Random, category: str, ask):
-    """A scene made for `category` and one of its questions of that category; for counting, the question about the
-    kind make_scene put first (so counts run from 1 to MAX_COUNT evenly)."""
+    """A scene made for `category` and one of its questions of that category (for counting, `counted`)."""
     while True:
         scene = make_scene(rng, category)
-        asked = [q for q in ask(scene) if q.category == category]
-        if category == "count":
-            asked = [q for q in asked if q.question == f"How many {PLURALS[scene.shapes[0].kind]} are there?"]
+        asked = [q for q in ask(scene) if q.category == category and (category != "count" or q.question == counted(scene))]
         if asked:
             return scene, rng.choice(asked)
 

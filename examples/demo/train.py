@@ -23,7 +23,7 @@ from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from common.tokenizer import Tokenizer, build_qwen_tokenizer_files
-from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, OPEN_CATEGORIES, PLURALS, TEXT_LENGTH, choice_questions,
+from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, OPEN_CATEGORIES, TEXT_LENGTH, choice_questions, counted,
                                  make_scene, open_questions)
 from frontend.eval import mcq_prompt
 from visual_worker.preprocess import PreprocessConfig, preprocess_images
@@ -59,7 +59,8 @@ POSITION_LAYER = 2  # the language model's hidden state that the row and column 
 FOCUS_LAYER = 3  # the language model layer whose first head is taught where each answer is to be read
 OPTION_LAYER = 5  # and the layer whose first head is taught which option of a multiple-choice prompt is right
 
-
+# A task word's embedding is drawn at std EMBED_STD so that it stays visible in its residual stream: at INIT_STD the
+# first layer's output drowns it, no answer can read the question, and only question-blind answers are learned.
 EMBED_STD = 1.0
 INIT_STD = 0.05  # transformers' 0.02 is made for wide models: at width 64 the image barely moves the answer at first
 
@@ -77,16 +78,19 @@ def build_model(seed: int, init: Path | None = None) -> Qwen2_5_VLForConditional
     return model
 
 
+def chat_text(tokenizer: Tokenizer, prompt: str) -> str:
+    """The chat template over one image and `prompt`, default system prompt, one image pad."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}])
+
+
 def chat_ids(tokenizer: Tokenizer, grid: list[int], prompt: str) -> list[int]:
-    """Prompt ids exactly as the visual worker builds them: chat template, default system prompt, pads expanded."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return tokenizer.expand_vision_pads(tokenizer.encode(tokenizer.apply_chat_template(messages)), [grid], [])
+    """Prompt ids exactly as the visual worker builds them: chat template, pads expanded."""
+    return tokenizer.expand_vision_pads(tokenizer.encode(chat_text(tokenizer, prompt)), [grid], [])
 
 
 def option_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, letter: str, option: str) -> list[int]:
     """Where the text of option `letter` sits in chat_ids(tokenizer, grid, prompt)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = tokenizer.apply_chat_template(messages)
+    text = chat_text(tokenizer, prompt)
     start = text.index(f"\n{letter}. {option}\n") + 3  # the space before the option: a word boundary of the tokenizer
     first, end = len(tokenizer.encode(text[:start])), len(tokenizer.encode(text[: start + 1 + len(option)]))
     shift = math.prod(grid) // 4 - 1  # the image pad before them expands to one pad a visual token
@@ -95,16 +99,12 @@ def option_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, letter:
 
 def scene_questions(scene, rng: random.Random, category: str) -> dict[str, list[tuple[str, str, tuple, str | None]]]:
     """(prompt, answer, cells the answer is read from, the right option's text or None) the scene answers, by tag.
-    A scene made for counting is asked only about the kind it was made to count, whose count runs from 1 to
-    MAX_COUNT evenly, as in the held-out rows (elsewhere most counts are 1)."""
-    counted = f" {PLURALS[scene.shapes[0].kind]} " if category == "count" else " "
+    A scene made for counting is asked only its `counted` question, as in the held-out rows."""
+    asked = lambda q: q.category != "count" or category != "count" or q.question == counted(scene)
     out = defaultdict(list)
-    for q in open_questions(scene):
-        if q.category != "count" or counted in q.question:
-            out[f"open {q.category}"].append((q.question, q.answer, q.cells, None))
-    for c in choice_questions(scene, rng):
-        if c.category == "count" and counted not in c.question:
-            continue
+    for q in filter(asked, open_questions(scene)):
+        out[f"open {q.category}"].append((q.question, q.answer, q.cells, None))
+    for c in filter(asked, choice_questions(scene, rng)):
         prompt = mcq_prompt(c.question, c.hint, dict(zip("ABCD", c.options)))
         out[f"mcq {c.category}"].append((prompt, c.answer, c.cells, c.options["ABCD".index(c.answer)]))
     return out
@@ -158,10 +158,8 @@ class TaskVocabulary(nn.Module):
         self.ids = torch.tensor(ids)
         self.index = torch.full((embedding.num_embeddings,), -1)
         self.index[self.ids] = torch.arange(len(ids))
-        # (task tokens, hidden), at std EMBED_STD: a word must stay visible in its residual stream, or no answer can
-        # read the question (at 0.05 the first layer's output drowns it and only question-blind answers are learned)
-        fresh = torch.randn(len(ids), embedding.embedding_dim) * EMBED_STD
-        self.table = nn.Parameter(embedding.weight[self.ids].detach().clone() if trained else fresh)
+        fresh = torch.randn(len(ids), embedding.embedding_dim) * EMBED_STD  # drawn either way: one stream of weights
+        self.table = nn.Parameter(embedding.weight[self.ids].detach().clone() if trained else fresh)  # (task tokens, hidden)
         self.log_zero_mass = math.log(embedding.num_embeddings - len(ids))
 
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
