@@ -3,7 +3,11 @@ the VLMEvalKit layout that `launch.py eval` reads."""
 
 import io
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,9 @@ from common.tokenizer import Tokenizer
 from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, MCQ_CATEGORIES, OPEN_CATEGORIES, PLURALS, QUARTERS, SIZES, choice_questions,
                                  make_scene, open_questions, write_tsvs)
 from frontend.eval import parse_box, read_tsv
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def scenes(n=40, seed=0):
@@ -25,6 +32,16 @@ def test_the_same_seed_gives_the_same_files(tmp_path):
     b = write_tsvs(tmp_path / "b", seed=5, rows=8)
     c = write_tsvs(tmp_path / "c", seed=6, rows=8)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b] != [p.read_bytes() for p in c]
+
+
+def test_the_same_seed_gives_the_same_files_in_any_process(tmp_path):
+    """Held-out files are named by their seed alone, so no run-to-run state (Python's hash seed) may change them."""
+    for hash_seed in ("1", "2"):
+        subprocess.run([sys.executable, "-m", "examples.demo.tasks", "tsv", "--seed", "5", "--rows", "40", "--out",
+                        str(tmp_path / hash_seed)], cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True,
+                       capture_output=True)
+    for name in ("mcq.tsv", "open.tsv"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes()
 
 
 def test_images_are_sized_in_multiples_of_28_with_several_windows():

@@ -282,15 +282,16 @@ def _choice(rng: random.Random, category: str, question: str, correct: str, pool
 
 
 def _text_distractors(rng: random.Random, text: str) -> list[str]:
-    """Two near misses (one character changed) and two random strings of the same pattern."""
-    out = set()
+    """Two near misses (one character changed) and two random strings of the same pattern, in the order drawn (a
+    dict, not a set: a set of strings iterates in an order that changes with Python's hash seed)."""
+    out = {}
     while len(out) < 2:
         i = rng.randrange(3)
         alphabet = LETTERS if text[i] in LETTERS else DIGITS
-        out.add(text[:i] + rng.choice([a for a in alphabet if a not in text]) + text[i + 1:])
+        out[text[:i] + rng.choice([a for a in alphabet if a not in text]) + text[i + 1:]] = None
     while len(out) < 4:
-        out.add(_random_text(rng))
-    out.discard(text)
+        out[_random_text(rng)] = None
+    out.pop(text, None)
     return list(out)
 
 
