@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from common.tokenizer import Tokenizer
-from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, MCQ_CATEGORIES, OPEN_CATEGORIES, PLURALS, QUARTERS, SIZES, choice_questions,
+from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, MCQ_CATEGORIES, OPEN_CATEGORIES, PLURALS, QUARTERS, SIZES, choice_questions,
                                  make_scene, open_questions, write_tsvs)
 from frontend.eval import parse_box, read_tsv
 
@@ -150,7 +150,10 @@ def test_question_cells_are_where_the_answer_is_drawn():
         at = lambda name, cell: labels[name][cell[1] * cols + cell[0]]
         for q in open_questions(scene) + choice_questions(scene, rng):
             if q.category == "count":
-                assert q.cells == ()
+                kind = next(k for k, plural in PLURALS.items() if f" {plural} " in q.question)
+                assert q.cells == tuple(c for s in scene.shapes if s.kind == kind for c in s.cells)
+                count = int(q.options["ABCD".index(q.answer)] if hasattr(q, "options") else q.answer)
+                assert all(at("count", c) == count and at("kind", c) == KINDS.index(kind) + 1 for c in q.cells)
             elif q.category == "text":
                 assert "".join(CHARACTERS[at("char", c) - 1] for c in q.cells) == scene.text
             else:

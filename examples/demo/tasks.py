@@ -110,10 +110,11 @@ class Scene:
 
     def cell_labels(self) -> dict[str, list[int]]:
         """What each cell (one visual token, row-major) holds, as class indices with 0 for nothing: the shape's kind,
-        colour and size, whether it is the shape's top left cell, the character and its place in the text box.
-        Training uses these as auxiliary targets; the model never sees them."""
+        colour and size, whether it is the shape's top left cell, how many shapes of its kind the scene has, the
+        character and its place in the text box. Training uses these as auxiliary targets; the model never sees them."""
         cols, rows = self.size[0] // CELL, self.size[1] // CELL
-        out = {name: [0] * (cols * rows) for name in ("kind", "colour", "span", "anchor", "char", "place")}
+        out = {name: [0] * (cols * rows) for name in ("kind", "colour", "span", "anchor", "count", "char", "place")}
+        kinds = [s.kind for s in self.shapes]
         for s in self.shapes:
             for c, r in s.cells:
                 i = r * cols + c
@@ -121,6 +122,7 @@ class Scene:
                 out["colour"][i] = list(COLOURS).index(s.colour) + 1
                 out["span"][i] = s.span
                 out["anchor"][i] = int((c, r) == s.cell)
+                out["count"][i] = kinds.count(s.kind)
         if self.text is not None:
             c, r = self.text_cell
             for k, ch in enumerate(self.text):
@@ -138,7 +140,7 @@ class Question:
     question: str
     answer: str
     cells: Cells = ()  # where the answer is to be read: the shape's cells, its top left cell for a box, the text's
-    # cells in reading order; none for a count (the answer is how many, not what is where)
+    # cells in reading order, the cells of every shape of the kind counted
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,8 @@ def open_questions(scene: Scene) -> list[Question]:
     out = [Question("colour", f"What colour is the {s.kind}?", s.colour, tuple(s.cells))
            for s in _unique(scene, lambda s: s.kind)]
     kinds = [s.kind for s in scene.shapes]  # counts are asked of the kinds in the picture: answers run 1 to MAX_COUNT
-    out += [Question("count", f"How many {PLURALS[k]} are there?", str(kinds.count(k))) for k in KINDS if k in kinds]
+    out += [Question("count", f"How many {PLURALS[k]} are there?", str(kinds.count(k)),
+                     tuple(c for s in scene.shapes if s.kind == k for c in s.cells)) for k in KINDS if k in kinds]
     if scene.text is not None:
         c, r = scene.text_cell
         out.append(Question("text", "What is written in the box?", scene.text, tuple((c + i, r) for i in range(TEXT_LENGTH))))
@@ -302,7 +305,7 @@ def choice_questions(scene: Scene, rng: random.Random) -> list[Choice]:
         if q.category == "colour":
             out.append(_choice(rng, "colour", q.question, q.answer, list(COLOURS), q.cells))
         elif q.category == "count":
-            out.append(_choice(rng, "count", q.question, q.answer, [str(n) for n in range(MAX_COUNT + 2)]))
+            out.append(_choice(rng, "count", q.question, q.answer, [str(n) for n in range(MAX_COUNT + 2)], q.cells))
         elif q.category == "text":
             out.append(_choice(rng, "text", q.question, q.answer, _text_distractors(rng, q.answer), q.cells))
     for s in _unique(scene, lambda s: s.label):

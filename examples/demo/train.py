@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import random
+import re
 import tempfile
 import time
 from collections import defaultdict
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from common.tokenizer import Tokenizer, build_qwen_tokenizer_files
-from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, OPEN_CATEGORIES, TEXT_LENGTH, choice_questions, counted,
+from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, MAX_COUNT, OPEN_CATEGORIES, PLURALS, TEXT_LENGTH, choice_questions, counted,
                                  make_scene, open_questions)
 from frontend.eval import mcq_prompt
 from visual_worker.preprocess import PreprocessConfig, preprocess_images
@@ -52,10 +53,11 @@ VISION = dict(
 )
 TAGS = [f"open {c}" for c in OPEN_CATEGORIES] + ["mcq colour", "mcq count", "mcq text", "mcq position"]
 SCENE_CATEGORIES = ("colour", "count", "text", "grounding", "position")
-AUX = {"kind": len(KINDS) + 1, "colour": len(COLOURS) + 1, "span": 3, "anchor": 2, "char": len(CHARACTERS) + 1,
-       "place": TEXT_LENGTH + 1}  # classes of each cell label (Scene.cell_labels)
+AUX = {"kind": len(KINDS) + 1, "colour": len(COLOURS) + 1, "span": 3, "anchor": 2, "count": MAX_COUNT + 1,
+       "char": len(CHARACTERS) + 1, "place": TEXT_LENGTH + 1}  # classes of each cell label (Scene.cell_labels)
 MAX_CELLS = 10  # rows or columns of the largest task image
 POSITION_LAYER = 2  # the language model's hidden state that the row and column probes read
+QUESTION_LAYER = 1  # the language model layer whose first head is taught to read the question's colour and kind words
 FOCUS_LAYER = 3  # the language model layer whose first head is taught where each answer is to be read
 OPTION_LAYER = 5  # and the layer whose first head is taught which option of a multiple-choice prompt is right
 
@@ -88,33 +90,51 @@ def chat_ids(tokenizer: Tokenizer, grid: list[int], prompt: str) -> list[int]:
     return tokenizer.expand_vision_pads(tokenizer.encode(chat_text(tokenizer, prompt)), [grid], [])
 
 
+def span_positions(tokenizer: Tokenizer, grid: list[int], text: str, start: int, end: int) -> list[int]:
+    """Where text[start:end] (from a word boundary of the tokenizer to another) sits in the ids of the chat text
+    `text` once its image pad is expanded."""
+    first, last = len(tokenizer.encode(text[:start])), len(tokenizer.encode(text[:end]))
+    shift = math.prod(grid) // 4 - 1  # the image pad before them expands to one pad a visual token
+    return list(range(first + shift, last + shift))
+
+
 def option_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, letter: str, option: str) -> list[int]:
     """Where the text of option `letter` sits in chat_ids(tokenizer, grid, prompt)."""
     text = chat_text(tokenizer, prompt)
-    start = text.index(f"\n{letter}. {option}\n") + 3  # the space before the option: a word boundary of the tokenizer
-    first, end = len(tokenizer.encode(text[:start])), len(tokenizer.encode(text[: start + 1 + len(option)]))
-    shift = math.prod(grid) // 4 - 1  # the image pad before them expands to one pad a visual token
-    return list(range(first + shift, end + shift))
+    start = text.index(f"\n{letter}. {option}\n") + 3  # the space before the option
+    return span_positions(tokenizer, grid, text, start, start + 1 + len(option))
 
 
-def scene_questions(scene, rng: random.Random, category: str) -> dict[str, list[tuple[str, str, tuple, str | None]]]:
-    """(prompt, answer, cells the answer is read from, the right option's text or None) the scene answers, by tag.
+KEY_WORDS = re.compile(r" (" + "|".join([*COLOURS, *PLURALS.values(), *KINDS]) + r")\b")
+
+
+def key_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, question: str) -> list[int]:
+    """Where the colour and kind words of `question` sit in chat_ids(tokenizer, grid, prompt) (none for the text)."""
+    text = chat_text(tokenizer, prompt)
+    at = text.index(question)
+    return [p for m in KEY_WORDS.finditer(question) for p in span_positions(tokenizer, grid, text, at + m.start(), at + m.end())]
+
+
+def scene_questions(scene, rng: random.Random, category: str) -> dict[str, list[tuple[str, str, str, tuple, str | None]]]:
+    """(prompt, question, answer, cells the answer is read from, the right option's text or None) the scene answers,
+    by tag.
     A scene made for counting is asked only its `counted` question, as in the held-out rows."""
     asked = lambda q: q.category != "count" or category != "count" or q.question == counted(scene)
     out = defaultdict(list)
     for q in filter(asked, open_questions(scene)):
-        out[f"open {q.category}"].append((q.question, q.answer, q.cells, None))
+        out[f"open {q.category}"].append((q.question, q.question, q.answer, q.cells, None))
     for c in filter(asked, choice_questions(scene, rng)):
         prompt = mcq_prompt(c.question, c.hint, dict(zip("ABCD", c.options)))
-        out[f"mcq {c.category}"].append((prompt, c.answer, c.cells, c.options["ABCD".index(c.answer)]))
+        out[f"mcq {c.category}"].append((prompt, c.question, c.answer, c.cells, c.options["ABCD".index(c.answer)]))
     return out
 
 
 def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: PreprocessConfig, images: int, per_image: int):
     """`images` scenes, each made for a category drawn at random, and `per_image` questions about each, tags drawn
     evenly from those the scene answers. Returns pixel_values, grids, the cells' labels (visual tokens, len(AUX))
-    and [(image index, ids, answer length, tag, focus, option)]: focus is the visual tokens each answer token is
-    read from, option the positions of the right option's text in a multiple-choice prompt."""
+    and [(image index, ids, answer length, tag, focus, keys, option)]: focus is the visual tokens each answer token is
+    read from, keys the positions of the question's colour and kind words, option the positions of the right option's
+    text in a multiple-choice prompt."""
     scenes, rows = [], []
     for i in range(images):
         category = rng.choice(SCENE_CATEGORIES)
@@ -124,7 +144,7 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
     pixels, grids = preprocess_images([scene.draw() for scene in scenes], preprocess)
     labels = torch.cat([torch.tensor([scene.cell_labels()[name] for name in AUX]).T for scene in scenes])
     seqs = []
-    for i, tag, prompt, answer, cells, option in rows:
+    for i, tag, prompt, question, answer, cells, option in rows:
         target = tokenizer.encode(answer) + [IM_END]
         tokens = [r * (scenes[i].size[0] // CELL) + c for c, r in cells]
         if tag.endswith("text"):  # each character from its own cell, the end from all three
@@ -132,8 +152,9 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
         else:
             focus = [tokens] * len(target)
         grid = grids[i].tolist()
+        keys = key_positions(tokenizer, grid, prompt, question)
         option = [] if option is None else option_positions(tokenizer, grid, prompt, answer, option)
-        seqs.append((i, chat_ids(tokenizer, grid, prompt) + target, len(target), tag, focus, option))
+        seqs.append((i, chat_ids(tokenizer, grid, prompt) + target, len(target), tag, focus, keys, option))
     return torch.from_numpy(pixels), torch.from_numpy(grids), labels, seqs
 
 
@@ -143,7 +164,7 @@ def task_token_ids(tokenizer: Tokenizer, seed: int, scenes: int = 3000) -> list[
     for _ in range(scenes):
         category = rng.choice(SCENE_CATEGORIES)
         for pairs in scene_questions(make_scene(rng, category), rng, category).values():
-            for prompt, answer, *_ in pairs:
+            for prompt, _, answer, *_ in pairs:
                 ids.update(chat_ids(tokenizer, [1, 2, 2], prompt), tokenizer.encode(answer), [IM_END])
     return sorted(ids)
 
@@ -228,16 +249,18 @@ def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, 
     aux = heads.loss(image_embeds, image_hidden, labels, index // width, index % width)
     rows, cols, targets, masses = [], [], [], []
     attention = out.attentions[FOCUS_LAYER][:, 0]  # (B, L, L): the first head of the focus layer
-    for b, (_, ids, n, _, focus, option) in enumerate(seqs):
+    for b, (_, ids, n, _, focus, keys, option) in enumerate(seqs):
         start = len(ids) - n  # the hidden state before each answer token predicts it
         rows += [b] * n
         cols += range(start - 1, len(ids) - 1)
         targets += ids[start:]
         image_positions = is_image[b].nonzero()[:, 0]
         masses += [attention[b, start - 1 + k, image_positions[f]].sum() for k, f in enumerate(focus) if f]
+        if keys:  # the question head, at every answer token, on the question's colour and kind words
+            masses += list(out.attentions[QUESTION_LAYER][b, 0, start - 1: len(ids) - 1][:, keys].sum(-1))
         if option:  # and the option head, where the letter is given, on the right option's text
             masses.append(out.attentions[OPTION_LAYER][b, 0, start - 1, option].sum())
-    if masses:  # the focus head puts its attention on the cells the answer is read from
+    if masses:  # each taught head puts its attention where it was told to
         aux = aux + -torch.log(torch.stack(masses) + 1e-6).mean()
     logits, log_probs = vocab.log_probs(out.last_hidden_state[rows, cols])
     return logits, log_probs, vocab.rows(torch.tensor(targets)), [n for _, _, n, *_ in seqs], aux
