@@ -128,3 +128,20 @@ def test_shape_mismatch_says_expected_and_found(tmp_path, tokenizer_dir):
     save_file(tensors, model_dir / "model.safetensors")
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \[65\], expected \[64\]"):
         LanguageModel.from_pretrained(model_dir)
+
+
+def test_stacked_projections_name_the_checkpoints_own_tensors(tmp_path, tokenizer_dir):
+    """q/k/v and gate/up are stacked at load; a missing or mis-shaped part is named as the checkpoint names it."""
+    model_dir = write_tiny_checkpoint(tmp_path, tokenizer_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    up = tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.1.mlp.up_proj.weight"] = up[1:].clone()
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"'model.layers.1.mlp.up_proj.weight' has shape \[{up.shape[0] - 1}, {up.shape[1]}\], "
+                                         rf"expected \[{up.shape[0]}, {up.shape[1]}\]"):
+        LanguageModel.from_pretrained(model_dir)
+    tensors["model.layers.1.mlp.up_proj.weight"] = up
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(KeyError, match="model.layers.1.self_attn.k_proj.bias"):
+        LanguageModel.from_pretrained(model_dir)
