@@ -13,7 +13,7 @@ import msgpack
 import torch
 from torch import Tensor
 
-VERSION = 1
+VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8,
           "int64": torch.int64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -23,7 +23,9 @@ SCHEMAS = {
     "request": {"messages": list, "sampling": dict},
     "embeds": {"prompt_ids": list, "image_grid_thw": list, "video_grid_thw": list, "second_per_grid_ts": list,
                "sampling": dict, "hidden": int, "chunk_width": int, "dtype": str, "timings": dict},
-    "token": {"token_ids": list, "text": str},
+    # one per decode step (id ""): [request id, new token ids, text that may be shown now] for every request that
+    # got a token, so a batch of 8 is one message, not 8
+    "tokens": {"requests": list},
     "finish": {"finish_reason": str, "prompt_tokens": int, "completion_tokens": int, "timings": dict},
     "error": {"message": str, "code": int},  # code 400: the request was at fault; 500: the pipeline was
     "ready": {"worker": str},

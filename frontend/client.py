@@ -8,13 +8,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import zmq
 
-from common.protocol import Message, decode
+from common.protocol import Message, ProtocolError, decode
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 300
@@ -64,6 +65,7 @@ class Frontend:
             self.endpoints[name] = self._bind(sock, name, transport)
         self.endpoints["embeds"] = self._free_endpoint("embeds", transport)
         self.workers = Workers()
+        self.held: deque[Message] = deque()  # per-request messages of a tokens message not yet handed out
 
     def _bind(self, sock, name: str, transport: str) -> str:
         if transport == "ipc":
@@ -93,14 +95,25 @@ class Frontend:
         batch = ["--max-batch", str(max_batch)] if max_batch else []
         self.workers.start("llm", "llm_worker", *common, *dtype, *batch, "--device", args.llm_device)
 
-    def receive(self, timeout_s: float | None = None) -> Message | None:
-        """Next result message, checking the workers every 200 ms; None after timeout_s."""
+    def receive_batch(self, timeout_s: float | None = None) -> list[Message] | None:
+        """The next result message as per-request messages (a decode step's tokens message: one token message per
+        request in it), checking the workers every 200 ms; None after timeout_s."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self.results.poll(200):
             self.workers.check()
             if deadline is not None and time.monotonic() > deadline:
                 return None
-        return decode(self.results.recv_multipart())
+        msg = decode(self.results.recv_multipart())
+        return per_request(msg) if msg.type == "tokens" else [msg]
+
+    def receive(self, timeout_s: float | None = None) -> Message | None:
+        """The next per-request result message; None after timeout_s."""
+        while not self.held:
+            batch = self.receive_batch(timeout_s)
+            if batch is None:
+                return None
+            self.held.extend(batch)
+        return self.held.popleft()
 
     def wait_ready(self, names: set[str], recorder=None) -> None:
         waiting = set(names)
@@ -137,6 +150,17 @@ class Frontend:
 
     def close(self) -> None:
         self.workers.stop()
+
+
+def per_request(msg: Message) -> list[Message]:
+    """A tokens message → a token message (token_ids, text) for each request in it."""
+    out = []
+    for entry in msg.fields["requests"]:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], list)
+                and isinstance(entry[2], str)):
+            raise ProtocolError(f"tokens message: an entry must be [request id, token ids, text], got {entry!r}")
+        out.append(Message("token", entry[0], {"token_ids": entry[1], "text": entry[2]}))
+    return out
 
 
 class Recorder:

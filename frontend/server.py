@@ -117,7 +117,7 @@ class Router:
     def run(self) -> None:
         while not self.closing.is_set():
             try:
-                msg = self.front.receive(timeout_s=0.2)
+                batch = self.front.receive_batch(timeout_s=0.2)
             except WorkerDied as e:
                 with self.lock:
                     self.dead, queues = e, list(self.queues.values())
@@ -127,8 +127,13 @@ class Router:
             except ProtocolError as e:
                 print(f"server: a result message broke the protocol: {e}", file=sys.stderr)
                 continue
-            if msg is not None and (q := self.queues.get(msg.id)) is not None:
-                self.loop.call_soon_threadsafe(q.put_nowait, msg)
+            if batch:  # a decode step's tokens for every request in one hand-over to the event loop
+                self.loop.call_soon_threadsafe(self.deliver, batch)
+
+    def deliver(self, batch: list[Message]) -> None:
+        for msg in batch:
+            if (q := self.queues.get(msg.id)) is not None:
+                q.put_nowait(msg)
 
     def check(self) -> None:
         """Raises WorkerDied when a worker is down."""

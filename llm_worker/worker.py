@@ -1,5 +1,6 @@
 """The LLM worker process: subscribes to the visual worker's embeddings, reassembles the chunks, prefills and
-decodes all active requests together, and streams tokens, then a finish message, to the front end."""
+decodes all active requests together, and streams one tokens message a step, then a finish message for each
+request that ends, to the front end."""
 
 import os
 import sys
@@ -74,8 +75,7 @@ class LLMWorker:
                 self.receive(self.embeds.recv_multipart(copy=False))
                 idle = False
             self.admit()
-            for seq in self.engine.step():
-                self.emit(seq)
+            self.publish(self.engine.step())
 
     def receive(self, frames) -> None:
         arrived = time.time()
@@ -104,7 +104,7 @@ class LLMWorker:
                 self.fail(msg.id, e)
                 continue
             self.streams[id(seq)] = stream
-            self.emit(seq)
+            self.publish([seq])  # its first token goes out at once
 
     def start(self, msg: Message, timings: dict) -> tuple[Sequence, Stream]:
         f = msg.fields
@@ -127,15 +127,22 @@ class LLMWorker:
         stream.timings["prefill_s"] = stream.first_token_at - stream.started
         return seq, stream
 
-    def emit(self, seq: Sequence) -> None:
-        stream = self.streams[id(seq)]
-        delta, stopped = stream.advance(self.tokenizer, seq.tokens, seq.finish_reason is not None)
-        if stopped:
-            seq.finish_reason = "stop"  # the engine frees the row before its next step
-        self.send(Message("token", stream.id, {"token_ids": [seq.tokens[-1]], "text": delta}))
-        if seq.finish_reason is not None:
-            del self.streams[id(seq)]
-            self.finish(stream, seq.finish_reason, len(seq.tokens))
+    def publish(self, seqs: list[Sequence]) -> None:
+        """One tokens message for the sequences' new tokens, then a finish message for each that ended."""
+        entries, ended = [], []
+        for seq in seqs:
+            stream = self.streams[id(seq)]
+            delta, stopped = stream.advance(self.tokenizer, seq.tokens, seq.finish_reason is not None)
+            if stopped:
+                seq.finish_reason = "stop"  # the engine frees the row before its next step
+            entries.append([stream.id, [seq.tokens[-1]], delta])
+            if seq.finish_reason is not None:
+                del self.streams[id(seq)]
+                ended.append((stream, seq.finish_reason, len(seq.tokens)))
+        if entries:
+            self.send(Message("tokens", "", {"requests": entries}))
+        for args in ended:
+            self.finish(*args)
 
     def cancel(self, rid: str) -> None:
         """Drops a request the front end no longer wants, queued or decoding, and acknowledges with a finish message."""

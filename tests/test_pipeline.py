@@ -18,8 +18,8 @@ import torch
 import zmq
 from PIL import Image
 
-from frontend.client import Frontend, read_recording
-from common.protocol import Message, decode
+from frontend.client import Frontend, per_request, read_recording
+from common.protocol import Message, ProtocolError, decode
 from visual_worker.preprocess import PreprocessConfig, preprocess_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +247,35 @@ def test_a_cancel_stops_a_decoding_request_frees_its_row_and_is_acknowledged(llm
     result = front.collect(header["id"], io.StringIO())
     assert result["finish_reason"] == "cancelled" and 1 <= result["completion_tokens"] < 1000
     assert llm_alone(tampered(frames, lambda idx: idx))["token_ids"] == original["token_ids"]
+
+
+def test_requests_decoded_together_share_one_tokens_message_a_step(llm_alone, recording):
+    path, original = recording
+    frames = read_recording(str(path))[0]
+    first, second = tampered(frames, lambda idx: idx), tampered(frames, lambda idx: idx)
+    tokens = {decode(first).id: [], decode(second).id: []}
+    llm_alone.pub.send_multipart(first)
+    llm_alone.pub.send_multipart(second)
+    together, finished = 0, set()
+    while len(finished) < 2:
+        batch = llm_alone.front.receive_batch(timeout_s=60)
+        assert batch is not None and all(m.type in ("token", "finish") for m in batch), batch
+        together += {m.id for m in batch if m.type == "token"} == set(tokens)
+        for m in batch:
+            if m.type == "token":
+                tokens[m.id] += m.fields["token_ids"]
+            else:
+                finished.add(m.id)
+    assert together >= len(original["token_ids"]) // 2  # most steps carried both requests
+    assert all(t == original["token_ids"] for t in tokens.values())
+
+
+def test_a_malformed_tokens_entry_is_a_protocol_error():
+    good = Message("tokens", "", {"requests": [["a", [1], "x"], ["b", [2], ""]]})
+    assert [(m.type, m.id, m.fields) for m in per_request(good)] == [
+        ("token", "a", {"token_ids": [1], "text": "x"}), ("token", "b", {"token_ids": [2], "text": ""})]
+    with pytest.raises(ProtocolError, match="an entry must be"):
+        per_request(Message("tokens", "", {"requests": [["a", 1, "x"]]}))
 
 
 def test_killing_the_llm_worker_mid_request_is_reported_and_leaves_no_process(tiny_model, image_file):
