@@ -59,6 +59,8 @@ MAX_CELLS = 10  # rows or columns of the largest task image
 POSITION_LAYER = 2  # the language model's hidden state that the row and column probes read
 QUESTION_LAYER = 1  # the language model layer whose first head is taught to read the question's colour and kind words
 FOCUS_LAYER = 3  # the language model layer whose first head is taught where each answer is to be read
+COMPARE_LAYER = 4  # the layer whose first head is taught, at each character of a text option, to read the box's
+# character in the same place (so the option's tokens can tell whether they match the image)
 OPTION_LAYER = 5  # and the layer whose first head is taught which option of a multiple-choice prompt is right
 
 # A task word's embedding is drawn at std EMBED_STD so that it stays visible in its residual stream: at INIT_STD the
@@ -116,8 +118,7 @@ def key_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, question: 
 
 
 def scene_questions(scene, rng: random.Random, category: str) -> dict[str, list[tuple[str, str, str, tuple, str | None]]]:
-    """(prompt, question, answer, cells the answer is read from, the right option's text or None) the scene answers,
-    by tag.
+    """(prompt, question, answer, cells the answer is read from, the options A-D or None) the scene answers, by tag.
     A scene made for counting is asked only its `counted` question, as in the held-out rows."""
     asked = lambda q: q.category != "count" or category != "count" or q.question == counted(scene)
     out = defaultdict(list)
@@ -125,16 +126,17 @@ def scene_questions(scene, rng: random.Random, category: str) -> dict[str, list[
         out[f"open {q.category}"].append((q.question, q.question, q.answer, q.cells, None))
     for c in filter(asked, choice_questions(scene, rng)):
         prompt = mcq_prompt(c.question, c.hint, dict(zip("ABCD", c.options)))
-        out[f"mcq {c.category}"].append((prompt, c.question, c.answer, c.cells, c.options["ABCD".index(c.answer)]))
+        out[f"mcq {c.category}"].append((prompt, c.question, c.answer, c.cells, c.options))
     return out
 
 
 def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: PreprocessConfig, images: int, per_image: int):
     """`images` scenes, each made for a category drawn at random, and `per_image` questions about each, tags drawn
     evenly from those the scene answers. Returns pixel_values, grids, the cells' labels (visual tokens, len(AUX))
-    and [(image index, ids, answer length, tag, focus, keys, option)]: focus is the visual tokens each answer token is
-    read from, keys the positions of the question's colour and kind words, option the positions of the right option's
-    text in a multiple-choice prompt."""
+    and [(image index, ids, answer length, tag, focus, keys, option, compare)]: focus is the visual tokens each answer
+    token is read from, keys the positions of the question's colour and kind words, option the positions of the right
+    option's text in a multiple-choice prompt, compare (position, visual token) pairs: each character of a text
+    option and the box's character in the same place."""
     scenes, rows = [], []
     for i in range(images):
         category = rng.choice(SCENE_CATEGORIES)
@@ -144,7 +146,7 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
     pixels, grids = preprocess_images([scene.draw() for scene in scenes], preprocess)
     labels = torch.cat([torch.tensor([scene.cell_labels()[name] for name in AUX]).T for scene in scenes])
     seqs = []
-    for i, tag, prompt, question, answer, cells, option in rows:
+    for i, tag, prompt, question, answer, cells, options in rows:
         target = tokenizer.encode(answer) + [IM_END]
         tokens = [r * (scenes[i].size[0] // CELL) + c for c, r in cells]
         if tag.endswith("text"):  # each character from its own cell, the end from all three
@@ -153,8 +155,14 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
             focus = [tokens] * len(target)
         grid = grids[i].tolist()
         keys = key_positions(tokenizer, grid, prompt, question)
-        option = [] if option is None else option_positions(tokenizer, grid, prompt, answer, option)
-        seqs.append((i, chat_ids(tokenizer, grid, prompt) + target, len(target), tag, focus, keys, option))
+        option, compare = [], []
+        if options is not None:
+            option = option_positions(tokenizer, grid, prompt, answer, options["ABCD".index(answer)])
+        if tag == "mcq text":
+            for letter, text in zip("ABCD", options):
+                at = option_positions(tokenizer, grid, prompt, letter, text)[-TEXT_LENGTH:]  # a space before a digit is a token
+                compare += zip(at, tokens, strict=True)
+        seqs.append((i, chat_ids(tokenizer, grid, prompt) + target, len(target), tag, focus, keys, option, compare))
     return torch.from_numpy(pixels), torch.from_numpy(grids), labels, seqs
 
 
@@ -249,7 +257,7 @@ def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, 
     aux = heads.loss(image_embeds, image_hidden, labels, index // width, index % width)
     rows, cols, targets, masses = [], [], [], []
     attention = out.attentions[FOCUS_LAYER][:, 0]  # (B, L, L): the first head of the focus layer
-    for b, (_, ids, n, _, focus, keys, option) in enumerate(seqs):
+    for b, (_, ids, n, _, focus, keys, option, compare) in enumerate(seqs):
         start = len(ids) - n  # the hidden state before each answer token predicts it
         rows += [b] * n
         cols += range(start - 1, len(ids) - 1)
@@ -260,6 +268,9 @@ def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, 
             masses += list(out.attentions[QUESTION_LAYER][b, 0, start - 1: len(ids) - 1][:, keys].sum(-1))
         if option:  # and the option head, where the letter is given, on the right option's text
             masses.append(out.attentions[OPTION_LAYER][b, 0, start - 1, option].sum())
+        if compare:  # and the compare head, at each character of a text option, on the box's character in its place
+            at, cell = zip(*compare)
+            masses += list(out.attentions[COMPARE_LAYER][b, 0, list(at), image_positions[list(cell)]])
     if masses:  # each taught head puts its attention where it was told to
         aux = aux + -torch.log(torch.stack(masses) + 1e-6).mean()
     logits, log_probs = vocab.log_probs(out.last_hidden_state[rows, cols])
