@@ -1,0 +1,49 @@
+"""The demo training's supervision targets point at what they claim to: the question's words, the right option, the
+box's characters. (Training itself runs for an hour; these check the batches it learns from.)"""
+
+import random
+
+import pytest
+
+from common.tokenizer import Tokenizer
+from examples.demo.tasks import CHARACTERS, COLOURS, KINDS, PLURALS
+from examples.demo.train import AUX, PREPROCESSOR, sample_batch
+from visual_worker.preprocess import PreprocessConfig
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer_dir):
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    preprocess = PreprocessConfig(**{k: PREPROCESSOR[k] for k in ("min_pixels", "max_pixels")})
+    return tokenizer, sample_batch(random.Random(7), tokenizer, preprocess, 16, 8)
+
+
+def test_supervision_targets_point_at_the_question_words_the_right_option_and_the_box(batch):
+    tokenizer, (_, grids, labels, seqs) = batch
+    first = [0, *(grids.prod(-1) // 4).cumsum(0).tolist()]  # each image's first row in labels
+    char = labels[:, list(AUX).index("char")]
+    seen = set()
+    for i, ids, n, tag, focus, keys, option, compare in seqs:
+        seen.add(tag)
+        prompt = tokenizer.decode(ids[:-n])
+        question = prompt.split("Question: ")[-1] if tag.startswith("mcq") else prompt
+        words = tokenizer.decode([ids[k] for k in keys]).split()
+        if tag.endswith("text"):
+            assert words == []
+        else:
+            assert words and all(w in (*COLOURS, *KINDS, *PLURALS.values()) and f" {w}" in question for w in words)
+        answer = tokenizer.decode(ids[-n:-1])
+        if tag.startswith("mcq"):
+            right = prompt.split(f"\n{answer}. ")[1].split("\n")[0]
+            assert tokenizer.decode([ids[p] for p in option]).strip() == right
+        else:
+            assert option == []
+        if tag == "mcq text":
+            box = "".join(CHARACTERS[char[first[i] + cell] - 1] for cell in (f[0] for f in focus[:3]))
+            assert box == right
+            assert len(compare) == 12
+            for k, (at, cell) in enumerate(compare):  # four options, three characters each, in place order
+                assert cell == focus[k % 3][0] and tokenizer.decode([ids[at]]).strip() in CHARACTERS
+        else:
+            assert compare == []
+    assert {"open colour", "open count", "open grounding", "mcq text", "mcq position"} <= seen
