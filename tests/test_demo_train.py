@@ -6,8 +6,8 @@ import random
 import pytest
 
 from common.tokenizer import Tokenizer
-from examples.demo.tasks import CHARACTERS, COLOURS, KINDS, PLURALS
-from examples.demo.train import AUX, PREPROCESSOR, sample_batch
+from examples.demo.tasks import CHARACTERS, COLOURS, KINDS, PLURALS, QUARTERS
+from examples.demo.train import AUX, PREPROCESSOR, cell_places, sample_batch
 from visual_worker.preprocess import PreprocessConfig
 
 
@@ -22,6 +22,7 @@ def test_supervision_targets_point_at_the_question_words_the_right_option_and_th
     tokenizer, (_, grids, labels, seqs) = batch
     first = [0, *(grids.prod(-1) // 4).cumsum(0).tolist()]  # each image's first row in labels
     char = labels[:, list(AUX).index("char")]
+    places = cell_places(grids)
     seen = set()
     for i, ids, n, tag, focus, keys, option, compare in seqs:
         seen.add(tag)
@@ -39,11 +40,13 @@ def test_supervision_targets_point_at_the_question_words_the_right_option_and_th
         else:
             assert option == []
         if tag == "mcq text":
-            box = "".join(CHARACTERS[char[first[i] + cell] - 1] for cell in (f[0] for f in focus[:3]))
-            assert box == right
+            cells = focus[0]  # the letter is read from the whole box
+            assert "".join(CHARACTERS[char[first[i] + cell] - 1] for cell in cells) == right
             assert len(compare) == 12
             for k, (at, cell) in enumerate(compare):  # four options, three characters each, in place order
-                assert cell == focus[k % 3][0] and tokenizer.decode([ids[at]]).strip() in CHARACTERS
+                assert cell == cells[k % 3] and tokenizer.decode([ids[at]]).strip() in CHARACTERS
         else:
             assert compare == []
+        if tag == "mcq position":  # the quarter probe's label of every cell of the shape is the right option
+            assert {QUARTERS[places["quarter"][first[i] + cell]] for cell in focus[0]} == {right}
     assert {"open colour", "open count", "open grounding", "mcq text", "mcq position"} <= seen

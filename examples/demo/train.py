@@ -24,8 +24,8 @@ from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from common.tokenizer import Tokenizer, build_qwen_tokenizer_files
-from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, MAX_COUNT, OPEN_CATEGORIES, PLURALS, TEXT_LENGTH, choice_questions, counted,
-                                 make_scene, open_questions)
+from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, MAX_COUNT, OPEN_CATEGORIES, PLURALS, QUARTERS,
+                                 TEXT_LENGTH, choice_questions, counted, make_scene, open_questions)
 from frontend.eval import mcq_prompt
 from visual_worker.preprocess import PreprocessConfig, preprocess_images
 
@@ -56,11 +56,13 @@ SCENE_CATEGORIES = ("colour", "count", "text", "grounding", "position")
 AUX = {"kind": len(KINDS) + 1, "colour": len(COLOURS) + 1, "span": 3, "anchor": 2, "count": MAX_COUNT + 1,
        "char": len(CHARACTERS) + 1, "place": TEXT_LENGTH + 1}  # classes of each cell label (Scene.cell_labels)
 MAX_CELLS = 10  # rows or columns of the largest task image
+PLACES = {"row": MAX_CELLS, "column": MAX_CELLS, "quarter": len(QUARTERS)}  # classes of each place probe
 POSITION_LAYER = 2  # the language model's hidden state that the row and column probes read
 QUESTION_LAYER = 1  # the language model layer whose first head is taught to read the question's colour and kind words
 FOCUS_LAYER = 3  # the language model layer whose first head is taught where each answer is to be read
-COMPARE_LAYER = 4  # the layer whose first head is taught, at each character of a text option, to read the box's
-# character in the same place (so the option's tokens can tell whether they match the image)
+COMPARE_LAYER = 2  # the layer whose first head is taught, at each character of a text option, to read the box's
+# character in the same place: the option's tokens can tell whether they match the image, and the layers before
+# OPTION_LAYER can gather an option's three matches into one
 OPTION_LAYER = 5  # and the layer whose first head is taught which option of a multiple-choice prompt is right
 
 # A task word's embedding is drawn at std EMBED_STD so that it stays visible in its residual stream: at INIT_STD the
@@ -149,7 +151,7 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
     for i, tag, prompt, question, answer, cells, options in rows:
         target = tokenizer.encode(answer) + [IM_END]
         tokens = [r * (scenes[i].size[0] // CELL) + c for c, r in cells]
-        if tag.endswith("text"):  # each character from its own cell, the end from all three
+        if tag == "open text":  # each character from its own cell, the end from all three
             focus = [[t] for t in tokens] + [tokens] * (len(target) - len(tokens))
         else:
             focus = [tokens] * len(target)
@@ -210,22 +212,30 @@ class TaskVocabulary(nn.Module):
 
 
 class AuxiliaryHeads(nn.Module):
-    """Linear probes that read each visual token's cell labels from the ViT's output, and its row and column from
-    the language model's hidden state after POSITION_LAYER layers. Training only: dense targets that teach the
-    towers to see the cells and to turn M-RoPE positions into coordinates; they are not saved."""
+    """Linear probes that read each visual token's cell labels from the ViT's output, and its row, column and
+    quarter of the image from the language model's hidden state after POSITION_LAYER layers. Training only: dense
+    targets that teach the towers to see the cells and to turn M-RoPE positions into coordinates; not saved."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.cells = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in AUX.items()})
-        self.position = nn.ModuleDict({name: nn.Linear(hidden, MAX_CELLS) for name in ("row", "column")})
+        self.position = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in PLACES.items()})
 
-    def loss(self, image_embeds, image_hidden, labels, rows, columns) -> torch.Tensor:
-        """image_embeds, image_hidden: (visual tokens, hidden); labels: (visual tokens, len(AUX)); rows, columns:
+    def loss(self, image_embeds, image_hidden, labels, places: dict[str, torch.Tensor]) -> torch.Tensor:
+        """image_embeds, image_hidden: (visual tokens, hidden); labels: (visual tokens, len(AUX)); places: PLACES →
         (visual tokens,). The mean of the probes' cross-entropies."""
         losses = [nn.functional.cross_entropy(head(image_embeds), labels[:, k]) for k, head in enumerate(self.cells.values())]
-        losses += [nn.functional.cross_entropy(self.position[name](image_hidden), target)
-                   for name, target in (("row", rows), ("column", columns))]
+        losses += [nn.functional.cross_entropy(head(image_hidden), places[name]) for name, head in self.position.items()]
         return torch.stack(losses).mean()
+
+
+def cell_places(grids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each visual token's row, column and quarter of its image: grids (images, 3) → PLACES → (visual tokens,)."""
+    tokens = grids.prod(-1) // 4
+    height, width = (grids[:, 1:] // 2).repeat_interleave(tokens, 0).T
+    index = torch.cat([torch.arange(n) for n in tokens.tolist()])
+    row, column = index // width, index % width
+    return {"row": row, "column": column, "quarter": 2 * (2 * row >= height) + (2 * column >= width)}  # as QUARTERS
 
 
 def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, labels, seqs):
@@ -252,9 +262,7 @@ def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, 
     for b, (i, *_) in enumerate(seqs):
         first.setdefault(i, b)
     image_hidden = torch.cat([out.hidden_states[POSITION_LAYER][first[i]][is_image[first[i]]] for i in range(len(tokens))])
-    width = (grids[:, 2] // 2).repeat_interleave(torch.tensor(tokens))
-    index = torch.cat([torch.arange(n) for n in tokens])
-    aux = heads.loss(image_embeds, image_hidden, labels, index // width, index % width)
+    aux = heads.loss(image_embeds, image_hidden, labels, cell_places(grids))
     rows, cols, targets, masses = [], [], [], []
     attention = out.attentions[FOCUS_LAYER][:, 0]  # (B, L, L): the first head of the focus layer
     for b, (_, ids, n, _, focus, keys, option, compare) in enumerate(seqs):
