@@ -89,9 +89,9 @@ def chat_text(tokenizer: Tokenizer, prompt: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}])
 
 
-def chat_ids(tokenizer: Tokenizer, grid: list[int], prompt: str) -> list[int]:
-    """Prompt ids exactly as the visual worker builds them: chat template, pads expanded."""
-    return tokenizer.expand_vision_pads(tokenizer.encode(chat_text(tokenizer, prompt)), [grid], [])
+def chat_ids(tokenizer: Tokenizer, grid: list[int], text: str) -> list[int]:
+    """The ids of chat_text(…) exactly as the visual worker builds them: pads expanded."""
+    return tokenizer.expand_vision_pads(tokenizer.encode(text), [grid], [])
 
 
 def span_positions(tokenizer: Tokenizer, grid: list[int], text: str, start: int, end: int) -> list[int]:
@@ -102,9 +102,8 @@ def span_positions(tokenizer: Tokenizer, grid: list[int], text: str, start: int,
     return list(range(first + shift, last + shift))
 
 
-def option_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, letter: str, option: str) -> list[int]:
-    """Where the text of option `letter` sits in chat_ids(tokenizer, grid, prompt)."""
-    text = chat_text(tokenizer, prompt)
+def option_positions(tokenizer: Tokenizer, grid: list[int], text: str, letter: str, option: str) -> list[int]:
+    """Where the text of option `letter` sits in chat_ids(tokenizer, grid, text)."""
     start = text.index(f"\n{letter}. {option}\n") + 3  # the space before the option
     return span_positions(tokenizer, grid, text, start, start + 1 + len(option))
 
@@ -112,9 +111,8 @@ def option_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, letter:
 KEY_WORDS = re.compile(r" (" + "|".join([*COLOURS, *PLURALS.values(), *KINDS]) + r")\b")
 
 
-def key_positions(tokenizer: Tokenizer, grid: list[int], prompt: str, question: str) -> list[int]:
-    """Where the colour and kind words of `question` sit in chat_ids(tokenizer, grid, prompt) (none for the text)."""
-    text = chat_text(tokenizer, prompt)
+def key_positions(tokenizer: Tokenizer, grid: list[int], text: str, question: str) -> list[int]:
+    """Where the colour and kind words of `question` sit in chat_ids(tokenizer, grid, text) (none for the text)."""
     at = text.index(question)
     return [p for m in KEY_WORDS.finditer(question) for p in span_positions(tokenizer, grid, text, at + m.start(), at + m.end())]
 
@@ -155,16 +153,16 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
             focus = [[t] for t in tokens] + [tokens] * (len(target) - len(tokens))
         else:
             focus = [tokens] * len(target)
-        grid = grids[i].tolist()
-        keys = key_positions(tokenizer, grid, prompt, question)
+        grid, text = grids[i].tolist(), chat_text(tokenizer, prompt)
+        keys = key_positions(tokenizer, grid, text, question)
         option, compare = [], []
         if options is not None:
-            option = option_positions(tokenizer, grid, prompt, answer, options["ABCD".index(answer)])
+            option = option_positions(tokenizer, grid, text, answer, options["ABCD".index(answer)])
         if tag == "mcq text":
-            for letter, text in zip("ABCD", options):
-                at = option_positions(tokenizer, grid, prompt, letter, text)[-TEXT_LENGTH:]  # a space before a digit is a token
+            for letter, choice in zip("ABCD", options):
+                at = option_positions(tokenizer, grid, text, letter, choice)[-TEXT_LENGTH:]  # a space before a digit is a token
                 compare += zip(at, tokens, strict=True)
-        seqs.append((i, chat_ids(tokenizer, grid, prompt) + target, len(target), tag, focus, keys, option, compare))
+        seqs.append((i, chat_ids(tokenizer, grid, text) + target, len(target), tag, focus, keys, option, compare))
     return torch.from_numpy(pixels), torch.from_numpy(grids), labels, seqs
 
 
@@ -175,7 +173,7 @@ def task_token_ids(tokenizer: Tokenizer, seed: int, scenes: int = 3000) -> list[
         category = rng.choice(SCENE_CATEGORIES)
         for pairs in scene_questions(make_scene(rng, category), rng, category).values():
             for prompt, _, answer, *_ in pairs:
-                ids.update(chat_ids(tokenizer, [1, 2, 2], prompt), tokenizer.encode(answer), [IM_END])
+                ids.update(chat_ids(tokenizer, [1, 2, 2], chat_text(tokenizer, prompt)), tokenizer.encode(answer), [IM_END])
     return sorted(ids)
 
 
