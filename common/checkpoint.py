@@ -60,14 +60,15 @@ def load_module(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str
 
     A missing tensor or a shape mismatch is an error that names the tensor; tensors the module has no use for are
     ignored (e.g. the lm_head of a checkpoint whose embeddings are tied)."""
-    state = {}
-    for name, param in module.state_dict(keep_vars=True).items():
-        key = prefix + name
-        if key not in tensors:
-            raise KeyError(f"{source}: tensor {key!r} is missing from the checkpoint")
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise ValueError(
-                f"{source}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {list(param.shape)}"
-            )
-        state[name] = tensors[key]
+    state = {name: checked(tensors, prefix + name, param.shape, source)
+             for name, param in module.state_dict(keep_vars=True).items()}
     module.load_state_dict(state, assign=True)
+
+
+def checked(tensors: dict[str, torch.Tensor], name: str, shape, source) -> torch.Tensor:
+    """tensors[name], or an error naming it: missing (KeyError) or of another shape than `shape` (ValueError)."""
+    if name not in tensors:
+        raise KeyError(f"{source}: tensor {name!r} is missing from the checkpoint")
+    if tuple(tensors[name].shape) != tuple(shape):
+        raise ValueError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, expected {list(shape)}")
+    return tensors[name]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.checkpoint import LANGUAGE, load_module, read_tensors
+from common.checkpoint import LANGUAGE, checked, load_module, read_tensors
 from common.layers import RMSNorm, rotate_half
 from common.config import TextConfig, load_config
 from llm_worker.rope import mrope_cos_sin
@@ -186,10 +186,7 @@ def stack_projections(tensors: dict[str, Tensor], model: LanguageModel, source) 
             widths = layer.get_submodule(owner).widths
             for kind, param in layer.get_submodule(f"{owner}.{stacked}").named_parameters():
                 names = [f"model.layers.{i}.{owner}.{part}.{kind}" for part in parts]
-                for name, width in zip(names, widths):
-                    if name not in tensors:
-                        raise KeyError(f"{source}: tensor {name!r} is missing from the checkpoint")
-                    expected = [width, *param.shape[1:]]
-                    if list(tensors[name].shape) != expected:
-                        raise ValueError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, expected {expected}")
-                tensors[f"model.layers.{i}.{owner}.{stacked}.{kind}"] = torch.cat([tensors.pop(name) for name in names])
+                stack = [checked(tensors, name, (width, *param.shape[1:]), source) for name, width in zip(names, widths)]
+                tensors[f"model.layers.{i}.{owner}.{stacked}.{kind}"] = torch.cat(stack)
+                for name in names:
+                    del tensors[name]
