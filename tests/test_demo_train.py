@@ -1,5 +1,6 @@
 """The demo training's supervision targets point at what they claim to: the question's words, the right option, the
-box's characters. (Training itself runs for an hour; these check the batches it learns from.)"""
+box's characters and which option characters match them. (Training itself runs for an hour; these check the batches it
+learns from.)"""
 
 import random
 
@@ -11,11 +12,13 @@ from examples.demo.train import AUX, PREPROCESSOR, cell_places, sample_batch
 from visual_worker.preprocess import PreprocessConfig
 
 
+PREPROCESS = PreprocessConfig(**{k: PREPROCESSOR[k] for k in ("min_pixels", "max_pixels")})
+
+
 @pytest.fixture(scope="module")
 def batch(tokenizer_dir):
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    preprocess = PreprocessConfig(**{k: PREPROCESSOR[k] for k in ("min_pixels", "max_pixels")})
-    return tokenizer, sample_batch(random.Random(7), tokenizer, preprocess, 16, 8)
+    return tokenizer, sample_batch(random.Random(7), tokenizer, PREPROCESS, 16, 8)
 
 
 def test_supervision_targets_point_at_the_question_words_the_right_option_and_the_box(batch):
@@ -43,10 +46,22 @@ def test_supervision_targets_point_at_the_question_words_the_right_option_and_th
             cells = focus[0]  # the letter is read from the whole box
             assert "".join(CHARACTERS[char[first[i] + cell] - 1] for cell in cells) == right
             assert len(compare) == 12
-            for k, (at, cell) in enumerate(compare):  # four options, three characters each, in place order
-                assert cell == cells[k % 3] and tokenizer.decode([ids[at]]).strip() in CHARACTERS
+            box = [CHARACTERS[char[first[i] + cell] - 1] for cell in cells]
+            for k, (at, cell, same) in enumerate(compare):  # four options, three characters each, in place order
+                character = tokenizer.decode([ids[at]]).strip()
+                assert cell == cells[k % 3] and character in CHARACTERS and same == (character == box[k % 3])
+            options = [tokenizer.decode([ids[at] for at, *_ in compare[k: k + 3]]).replace(" ", "") for k in range(0, 12, 3)]
+            assert [all(same for *_, same in compare[k: k + 3]) for k in range(0, 12, 3)] == [o == right for o in options]
+            assert options.count(right) == 1
         else:
             assert compare == []
         if tag == "mcq position":  # the quarter probe's label of every cell of the shape is the right option
             assert {QUARTERS[places["quarter"][first[i] + cell]] for cell in focus[0]} == {right}
     assert {"open colour", "open count", "open grounding", "mcq text", "mcq position"} <= seen
+
+
+def test_tag_weights_change_the_question_mix(tokenizer_dir):
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    tags = lambda weights: [tag for _, _, _, tag, *_ in sample_batch(random.Random(3), tokenizer, PREPROCESS, 16, 4, weights)[3]]
+    assert "mcq text" in tags(None) and "mcq text" not in tags({"mcq text": 0.0})
+    assert tags({"mcq text": 50.0}).count("mcq text") > 2 * tags(None).count("mcq text")

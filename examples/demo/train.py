@@ -61,8 +61,9 @@ POSITION_LAYER = 2  # the language model's hidden state that the row and column 
 QUESTION_LAYER = 1  # the language model layer whose first head is taught to read the question's colour and kind words
 FOCUS_LAYER = 3  # the language model layer whose first head is taught where each answer is to be read
 COMPARE_LAYER = 2  # the layer whose first head is taught, at each character of a text option, to read the box's
-# character in the same place: the option's tokens can tell whether they match the image, and the layers before
-# OPTION_LAYER can gather an option's three matches into one
+# character in the same place; a probe on its output asks whether the two are the same character, and one on the
+# input of OPTION_LAYER, at the option's last character, whether all three are: so the layers between gather an
+# option's three matches into one, which the option head can look for
 OPTION_LAYER = 5  # and the layer whose first head is taught which option of a multiple-choice prompt is right
 
 # A task word's embedding is drawn at std EMBED_STD so that it stays visible in its residual stream: at INIT_STD the
@@ -130,19 +131,23 @@ def scene_questions(scene, rng: random.Random, category: str) -> dict[str, list[
     return out
 
 
-def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: PreprocessConfig, images: int, per_image: int):
+def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: PreprocessConfig, images: int, per_image: int,
+                 weights: dict[str, float] | None = None):
     """`images` scenes, each made for a category drawn at random, and `per_image` questions about each, tags drawn
-    evenly from those the scene answers. Returns pixel_values, grids, the cells' labels (visual tokens, len(AUX))
-    and [(image index, ids, answer length, tag, focus, keys, option, compare)]: focus is the visual tokens each answer
-    token is read from, keys the positions of the question's colour and kind words, option the positions of the right
-    option's text in a multiple-choice prompt, compare (position, visual token) pairs: each character of a text
-    option and the box's character in the same place."""
+    from those the scene answers (evenly, or in proportion to `weights`, 1 for a tag not named). Returns
+    pixel_values, grids, the cells' labels (visual tokens, len(AUX)) and [(image index, ids, answer length, tag,
+    focus, keys, option, compare)]: focus is the visual tokens each answer token is read from, keys the positions
+    of the question's colour and kind words, option the positions of the right option's text in a multiple-choice
+    prompt, compare (position, visual token, same) triples, three an option in option order: each character of a
+    text option, the box's character in the same place, and whether the two are the same."""
     scenes, rows = [], []
     for i in range(images):
         category = rng.choice(SCENE_CATEGORIES)
         scenes.append(make_scene(rng, category))
         pool = scene_questions(scenes[-1], rng, category)
-        rows += [(i, tag, *rng.choice(pool[tag])) for tag in (rng.choice(sorted(pool)) for _ in range(per_image))]
+        tags = sorted(pool)
+        drawn = rng.choices(tags, [(weights or {}).get(t, 1.0) for t in tags], k=per_image)
+        rows += [(i, tag, *rng.choice(pool[tag])) for tag in drawn]
     pixels, grids = preprocess_images([scene.draw() for scene in scenes], preprocess)
     labels = torch.cat([torch.tensor([scene.cell_labels()[name] for name in AUX]).T for scene in scenes])
     seqs = []
@@ -161,7 +166,7 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
         if tag == "mcq text":
             for letter, choice in zip("ABCD", options):
                 at = option_positions(tokenizer, grid, text, letter, choice)[-TEXT_LENGTH:]  # a space before a digit is a token
-                compare += zip(at, tokens, strict=True)
+                compare += zip(at, tokens, [a == b for a, b in zip(choice, options["ABCD".index(answer)])], strict=True)
         seqs.append((i, chat_ids(tokenizer, grid, text) + target, len(target), tag, focus, keys, option, compare))
     return torch.from_numpy(pixels), torch.from_numpy(grids), labels, seqs
 
@@ -218,6 +223,8 @@ class AuxiliaryHeads(nn.Module):
         super().__init__()
         self.cells = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in AUX.items()})
         self.position = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in PLACES.items()})
+        self.same = nn.Linear(hidden, 2)  # a text option's character is the box's in its place (COMPARE_LAYER)
+        self.right = nn.Linear(hidden, 2)  # a text option is the box's text (OPTION_LAYER, at its last character)
 
     def loss(self, image_embeds, image_hidden, labels, places: dict[str, torch.Tensor]) -> torch.Tensor:
         """image_embeds, image_hidden: (visual tokens, hidden); labels: (visual tokens, len(AUX)); places: PLACES →
@@ -263,6 +270,7 @@ def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, 
     aux = heads.loss(image_embeds, image_hidden, labels, cell_places(grids))
     rows, cols, targets, masses = [], [], [], []
     attention = out.attentions[FOCUS_LAYER][:, 0]  # (B, L, L): the first head of the focus layer
+    same_hidden, same, right_hidden, right = [], [], [], []  # the text options' probes
     for b, (_, ids, n, _, focus, keys, option, compare) in enumerate(seqs):
         start = len(ids) - n  # the hidden state before each answer token predicts it
         rows += [b] * n
@@ -275,10 +283,17 @@ def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, 
         if option:  # and the option head, where the letter is given, on the right option's text
             masses.append(out.attentions[OPTION_LAYER][b, 0, start - 1, option].sum())
         if compare:  # and the compare head, at each character of a text option, on the box's character in its place
-            at, cell = zip(*compare)
-            masses += list(out.attentions[COMPARE_LAYER][b, 0, list(at), image_positions[list(cell)]])
+            at, cell, alike = map(list, zip(*compare))
+            masses += list(out.attentions[COMPARE_LAYER][b, 0, at, image_positions[cell]])
+            same_hidden.append(out.hidden_states[COMPARE_LAYER + 1][b, at])
+            same += alike
+            right_hidden.append(out.hidden_states[OPTION_LAYER][b, at[TEXT_LENGTH - 1:: TEXT_LENGTH]])
+            right += [all(alike[k: k + TEXT_LENGTH]) for k in range(0, len(alike), TEXT_LENGTH)]
     if masses:  # each taught head puts its attention where it was told to
         aux = aux + -torch.log(torch.stack(masses) + 1e-6).mean()
+    if same:
+        aux = aux + nn.functional.cross_entropy(heads.same(torch.cat(same_hidden)), torch.tensor(same, dtype=torch.long))
+        aux = aux + nn.functional.cross_entropy(heads.right(torch.cat(right_hidden)), torch.tensor(right, dtype=torch.long))
     logits, log_probs = vocab.log_probs(out.last_hidden_state[rows, cols])
     return logits, log_probs, vocab.rows(torch.tensor(targets)), [n for _, _, n, *_ in seqs], aux
 
@@ -317,11 +332,16 @@ def main() -> None:
     p.add_argument("--init", type=Path, help="train on from the weights of this checkpoint instead of fresh ones")
     p.add_argument("--images", type=int, default=8, help="images per step")
     p.add_argument("--questions", type=int, default=6, help="questions per image per step")
+    p.add_argument("--weight", action="append", default=[], metavar="TAG=W",
+                   help="draw a tag's questions W times as often as the others', e.g. mcq-text=4 (validation is unweighted)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary per-cell loss")
     p.add_argument("--eval-every", type=int, default=250, help="validate and save a checkpoint this often")
     args = p.parse_args()
+    weights = {tag.replace("-", " "): float(w) for tag, w in (item.split("=") for item in args.weight)}
+    if unknown := set(weights) - set(TAGS):
+        p.error(f"unknown tags {sorted(unknown)}; tags are {[t.replace(' ', '-') for t in TAGS]}")
 
     model = build_model(args.seed, args.init).train()
     if args.steps == 0:
@@ -344,11 +364,11 @@ def main() -> None:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     print(f"{sum(p.numel() for p in params):,} trained parameters ({len(vocab.ids)} task tokens); {args.steps} steps "
-          f"of {args.images} images x {args.questions} questions", flush=True)
+          f"of {args.images} images x {args.questions} questions; tag weights {weights or 'even'}", flush=True)
     start, cpu_start, window, losses = time.time(), time.process_time(), time.time(), []
     clock = lambda: f"{(time.time() - start) / 60:.1f} min, CPU {(time.process_time() - cpu_start) / 60:.1f} min"
     for step in range(args.steps):
-        batch = sample_batch(rng, tokenizer, preprocess, args.images, args.questions)
+        batch = sample_batch(rng, tokenizer, preprocess, args.images, args.questions, weights)
         _, log_probs, targets, counts, aux = forward(model, vocab, heads, *batch)
         token_loss = -log_probs.gather(1, targets[:, None])[:, 0]
         answer = torch.stack([t.mean() for t in token_loss.split(counts)]).mean()  # every question weighs the same
