@@ -61,9 +61,10 @@ POSITION_LAYER = 2  # the language model's hidden state that the row and column 
 QUESTION_LAYER = 1  # the language model layer whose first head is taught to read the question's colour and kind words
 FOCUS_LAYER = 3  # the language model layer whose first head is taught where each answer is to be read
 COMPARE_LAYER = 2  # the layer whose first head is taught, at each character of a text option, to read the box's
-# character in the same place; a probe on its output asks whether the two are the same character, and one on the
-# input of OPTION_LAYER, at the option's last character, whether all three are: so the layers between gather an
-# option's three matches into one, which the option head can look for
+# character in the same place; a probe on its output asks whether the two are the same character
+GATHER_LAYER = 4  # the layer whose first head is taught, at a text option's last character, to read the option's
+# three characters: a probe on the input of OPTION_LAYER asks there whether all three match, which the option head
+# can look for
 OPTION_LAYER = 5  # and the layer whose first head is taught which option of a multiple-choice prompt is right
 
 # A task word's embedding is drawn at std EMBED_STD so that it stays visible in its residual stream: at INIT_STD the
@@ -287,7 +288,9 @@ def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, 
             masses += list(out.attentions[COMPARE_LAYER][b, 0, at, image_positions[cell]])
             same_hidden.append(out.hidden_states[COMPARE_LAYER + 1][b, at])
             same += alike
-            right_hidden.append(out.hidden_states[OPTION_LAYER][b, at[TEXT_LENGTH - 1:: TEXT_LENGTH]])
+            options = [at[k: k + TEXT_LENGTH] for k in range(0, len(at), TEXT_LENGTH)]  # each option's characters
+            masses += [out.attentions[GATHER_LAYER][b, 0, chars[-1], chars].sum() for chars in options]  # the gather head
+            right_hidden.append(out.hidden_states[OPTION_LAYER][b, [chars[-1] for chars in options]])
             right += [all(alike[k: k + TEXT_LENGTH]) for k in range(0, len(alike), TEXT_LENGTH)]
     if masses:  # each taught head puts its attention where it was told to
         aux = aux + -torch.log(torch.stack(masses) + 1e-6).mean()
