@@ -216,9 +216,10 @@ class TaskVocabulary(nn.Module):
 
 
 class AuxiliaryHeads(nn.Module):
-    """Linear probes that read each visual token's cell labels from the ViT's output, and its row, column and
-    quarter of the image from the language model's hidden state after POSITION_LAYER layers. Training only: dense
-    targets that teach the towers to see the cells and to turn M-RoPE positions into coordinates; not saved."""
+    """Linear probes that read each visual token's cell labels from the ViT's output, its row, column and quarter of
+    the image from the language model's hidden state after POSITION_LAYER layers, and whether a text option's
+    characters match the box (`same`, `right`; used in forward). Training only: dense targets that teach the towers
+    to see the cells, to turn M-RoPE positions into coordinates and to match options; not saved."""
 
     def __init__(self, hidden: int):
         super().__init__()
