@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 VISUAL = "visual."
@@ -33,8 +32,18 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     single = model_dir / "model.safetensors"
     if not single.is_file():
         raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json found")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    return {name: single for name in _header(single)[0] if name != "__metadata__"}
+
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name → dtype, shape, data_offsets) and where its data starts."""
+    with file.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
 
 
 def read_tensors(model_dir, prefixes, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
@@ -49,10 +58,32 @@ def read_tensors(model_dir, prefixes, dtype: torch.dtype, device="cpu") -> dict[
     for file, names in wanted.items():
         if not file.is_file():
             raise FileNotFoundError(f"{file} is listed in model.safetensors.index.json but missing")
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        header, data = _header(file)
+        with file.open("rb", buffering=0) as f:
             for stored in names:
-                tensors[canonical_name(stored)] = f.get_tensor(stored).to(dtype)
+                tensors[canonical_name(stored)] = _read(f, data, header[stored], file, stored).to(device, dtype)
     return tensors
+
+
+def _read(f, data: int, entry: dict, file: Path, name: str) -> torch.Tensor:
+    """One tensor read into private memory with plain reads, not memory-mapped: a mapped checkpoint keeps every page
+    that was read counted in the worker's RSS for as long as any of its tensors lives, so the originals of the
+    projections stacked at load (llm_worker.model.stack_projections) would be resident twice."""
+    if entry["dtype"] not in DTYPES:
+        raise ValueError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which this loader does not read")
+    tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    start, end = entry["data_offsets"]
+    if end - start != len(buffer):
+        raise ValueError(f"{file}: tensor {name!r} holds {end - start} bytes, its shape and dtype need {len(buffer)}")
+    f.seek(data + start)
+    done = 0
+    while done < len(buffer):  # a read returns at most about 2 GiB
+        got = f.readinto(buffer[done:])
+        if not got:
+            raise ValueError(f"{file}: ends inside tensor {name!r}")
+        done += got
+    return tensor
 
 
 def load_module(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source) -> None:

@@ -145,3 +145,19 @@ def test_stacked_projections_name_the_checkpoints_own_tensors(tmp_path, tokenize
     save_file(tensors, model_dir / "model.safetensors")
     with pytest.raises(KeyError, match="model.layers.1.self_attn.k_proj.bias"):
         LanguageModel.from_pretrained(model_dir)
+
+
+def test_tensors_are_read_exactly_and_a_truncated_file_names_the_tensor(tmp_path):
+    stored = {"a.bf16": torch.randn(3, 5).bfloat16(), "a.f16": torch.randn(7).half(), "a.f32": torch.randn(2, 2, 2),
+              "a.i64": torch.arange(-3, 3), "a.scalar": torch.tensor(2.5), "a.empty": torch.zeros(0, 4)}
+    save_file(stored, tmp_path / "model.safetensors")
+    read = read_tensors(tmp_path, "a.", torch.float32)
+    assert read.keys() == stored.keys()
+    for name, tensor in stored.items():
+        assert read[name].dtype == torch.float32 and torch.equal(read[name], tensor.float()), name
+    data = (tmp_path / "model.safetensors").read_bytes()
+    header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+    last = max(stored, key=lambda name: header[name]["data_offsets"][1])
+    (tmp_path / "model.safetensors").write_bytes(data[:-4])  # the last tensor in the file loses its last bytes
+    with pytest.raises(ValueError, match=f"ends inside tensor '{last}'"):
+        read_tensors(tmp_path, "a.", torch.float32)

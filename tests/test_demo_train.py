@@ -44,9 +44,8 @@ def test_supervision_targets_point_at_the_question_words_the_right_option_and_th
             assert option == []
         if tag == "mcq text":
             cells = focus[0]  # the letter is read from the whole box
-            assert "".join(CHARACTERS[char[first[i] + cell] - 1] for cell in cells) == right
-            assert len(compare) == 12
             box = [CHARACTERS[char[first[i] + cell] - 1] for cell in cells]
+            assert "".join(box) == right and len(compare) == 12
             for k, (at, cell, same) in enumerate(compare):  # four options, three characters each, in place order
                 character = tokenizer.decode([ids[at]]).strip()
                 assert cell == cells[k % 3] and character in CHARACTERS and same == (character == box[k % 3])
