@@ -61,6 +61,8 @@ def read_tensors(model_dir, prefixes, dtype: torch.dtype, device="cpu") -> dict[
         header, data = _header(file)
         with file.open("rb", buffering=0) as f:
             for stored in names:
+                if stored not in header:
+                    raise KeyError(f"{file}: tensor {stored!r} is listed in model.safetensors.index.json but not in the file")
                 tensors[canonical_name(stored)] = _read(f, data, header[stored], file, stored).to(device, dtype)
     return tensors
 

@@ -161,3 +161,12 @@ def test_tensors_are_read_exactly_and_a_truncated_file_names_the_tensor(tmp_path
     (tmp_path / "model.safetensors").write_bytes(data[:-4])  # the last tensor in the file loses its last bytes
     with pytest.raises(ValueError, match=f"ends inside tensor '{last}'"):
         read_tensors(tmp_path, "a.", torch.float32)
+
+
+def test_a_tensor_the_index_lists_but_its_shard_lacks_is_named(tmp_path, tokenizer_dir):
+    sharded = write_tiny_checkpoint(tmp_path, tokenizer_dir, layout="sharded")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.extra"] = next(iter(index["weight_map"].values()))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(KeyError, match="'model.norm.extra' is listed in model.safetensors.index.json but not in the file"):
+        read_tensors(sharded, LANGUAGE, torch.float32)
