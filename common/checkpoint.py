@@ -13,6 +13,8 @@ from torch import nn
 
 VISUAL = "visual."
 LANGUAGE = ("model.", "lm_head.")
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,  # safetensors' names
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def canonical_name(name: str) -> str:
@@ -33,10 +35,6 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     if not single.is_file():
         raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json found")
     return {name: single for name in _header(single)[0] if name != "__metadata__"}
-
-
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _header(file: Path) -> tuple[dict, int]:

@@ -163,11 +163,12 @@ def sample_batch(rng: random.Random, tokenizer: Tokenizer, preprocess: Preproces
         keys = key_positions(tokenizer, grid, text, question)
         option, compare = [], []
         if options is not None:
-            option = option_positions(tokenizer, grid, text, answer, options["ABCD".index(answer)])
+            right = options["ABCD".index(answer)]
+            option = option_positions(tokenizer, grid, text, answer, right)
         if tag == "mcq text":
             for letter, choice in zip("ABCD", options):
                 at = option_positions(tokenizer, grid, text, letter, choice)[-TEXT_LENGTH:]  # a space before a digit is a token
-                compare += zip(at, tokens, [a == b for a, b in zip(choice, options["ABCD".index(answer)])], strict=True)
+                compare += zip(at, tokens, [a == b for a, b in zip(choice, right)], strict=True)
         seqs.append((i, chat_ids(tokenizer, grid, text) + target, len(target), tag, focus, keys, option, compare))
     return torch.from_numpy(pixels), torch.from_numpy(grids), labels, seqs
 
@@ -289,10 +290,11 @@ def forward(model, vocab: TaskVocabulary, heads: AuxiliaryHeads, pixels, grids, 
             masses += list(out.attentions[COMPARE_LAYER][b, 0, at, image_positions[cell]])
             same_hidden.append(out.hidden_states[COMPARE_LAYER + 1][b, at])
             same += alike
-            options = [at[k: k + TEXT_LENGTH] for k in range(0, len(at), TEXT_LENGTH)]  # each option's characters
-            masses += [out.attentions[GATHER_LAYER][b, 0, chars[-1], chars].sum() for chars in options]  # the gather head
-            right_hidden.append(out.hidden_states[OPTION_LAYER][b, [chars[-1] for chars in options]])
-            right += [all(alike[k: k + TEXT_LENGTH]) for k in range(0, len(alike), TEXT_LENGTH)]
+            chars = [slice(k, k + TEXT_LENGTH) for k in range(0, len(at), TEXT_LENGTH)]  # each option's characters
+            last = [at[c][-1] for c in chars]
+            masses += [out.attentions[GATHER_LAYER][b, 0, q, at[c]].sum() for q, c in zip(last, chars)]  # the gather head
+            right_hidden.append(out.hidden_states[OPTION_LAYER][b, last])
+            right += [all(alike[c]) for c in chars]
     if masses:  # each taught head puts its attention where it was told to
         aux = aux + -torch.log(torch.stack(masses) + 1e-6).mean()
     if same:
