@@ -87,7 +87,7 @@ PREPROCESSOR_CONFIG = {
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from common.tokenizer import build_qwen_tokenizer_files
+    from examples.tokenizer_files import build_qwen_tokenizer_files
 
     out = tmp_path_factory.mktemp("qwen_tokenizer")
     build_qwen_tokenizer_files(out)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from common.tokenizer import Tokenizer, build_qwen_tokenizer_files
+from common.tokenizer import Tokenizer
+from examples.tokenizer_files import build_qwen_tokenizer_files
 from examples.demo.tasks import (CELL, CHARACTERS, COLOURS, KINDS, MAX_COUNT, OPEN_CATEGORIES, PLURALS, QUARTERS,
                                  TEXT_LENGTH, choice_questions, counted, make_scene, open_questions)
 from frontend.eval import mcq_prompt
