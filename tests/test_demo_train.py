@@ -8,11 +8,9 @@ import pytest
 
 from common.tokenizer import Tokenizer
 from examples.demo.tasks import CHARACTERS, COLOURS, KINDS, PLURALS, QUARTERS
-from examples.demo.train import AUX, PREPROCESSOR, cell_places, sample_batch
-from visual_worker.preprocess import PreprocessConfig
-
-
-PREPROCESS = PreprocessConfig(**{k: PREPROCESSOR[k] for k in ("min_pixels", "max_pixels")})
+from examples.demo.batch import sample_batch
+from examples.demo.model import PREPROCESS
+from examples.demo.probes import CELL_LABELS, cell_places
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +20,15 @@ def batch(tokenizer_dir):
 
 
 def test_supervision_targets_point_at_the_question_words_the_right_option_and_the_box(batch):
-    tokenizer, (_, grids, labels, seqs) = batch
+    tokenizer, batch = batch
+    grids, labels = batch.grids, batch.cell_labels
     first = [0, *(grids.prod(-1) // 4).cumsum(0).tolist()]  # each image's first row in labels
-    char = labels[:, list(AUX).index("char")]
+    char = labels[:, list(CELL_LABELS).index("char")]
     places = cell_places(grids)
     seen = set()
-    for i, ids, n, tag, focus, keys, option, compare in seqs:
+    for example in batch.examples:
+        i, ids, n, tag, focus = example.image, example.ids, example.answer_length, example.tag, example.focus
+        keys, option, compare = example.question_words, example.right_option, example.character_matches
         seen.add(tag)
         prompt = tokenizer.decode(ids[:-n])
         question = prompt.split("Question: ")[-1] if tag.startswith("mcq") else prompt
@@ -61,6 +62,6 @@ def test_supervision_targets_point_at_the_question_words_the_right_option_and_th
 
 def test_tag_weights_change_the_question_mix(tokenizer_dir):
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    tags = lambda weights: [tag for _, _, _, tag, *_ in sample_batch(random.Random(3), tokenizer, PREPROCESS, 16, 4, weights)[3]]
+    tags = lambda weights: [e.tag for e in sample_batch(random.Random(3), tokenizer, PREPROCESS, 16, 4, weights).examples]
     assert "mcq text" in tags(None) and "mcq text" not in tags({"mcq text": 0.0})
     assert tags({"mcq text": 50.0}).count("mcq text") > 2 * tags(None).count("mcq text")
