@@ -10,36 +10,29 @@ streams the answer; `replay FILE` feeds a recorded queue into a fresh LLM worker
 """
 
 import argparse
+import asyncio
 import json
+import os
+import re
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import torch
 import zmq
 
-from common.protocol import Message, ProtocolError, decode
-from frontend.client import READY_TIMEOUT_S, Frontend, Recorder, WorkerDied, fetch, read_recording, read_video
+from common.messages import Embeds, PixelLimits, Ping, SamplingParams
+from common.options import Options
+from common.protocol import decode, encode
+from frontend.media import MediaPolicy, fetch_image, read_video
+from frontend.pipeline import READY_TIMEOUT_S, Pipeline, collect
+from frontend.processes import WorkerDied
+from frontend.prompt import Prompter, user_message
+from frontend.recording import Recorder, read_recording
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MODEL = HERE / "examples" / "model"
 DEFAULT_IMAGE = HERE / "examples" / "images" / "shapes.png"
 DEFAULT_PROMPT = "What is written in the box?"
-
-
-def build_request(args) -> Message:
-    content = [{"type": "image"} for _ in args.image]
-    tensors = [({"name": "image"}, torch.frombuffer(bytearray(fetch(s)), dtype=torch.uint8)) for s in args.image]
-    if args.video:
-        content.append({"type": "video", "fps": args.fps})
-        tensors.append(({"name": "video"}, torch.from_numpy(read_video(args.video, args.fps))))
-    content.append({"type": "text", "text": args.prompt})
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "top_k": args.top_k, "seed": args.seed}
-    fields = {"messages": [{"role": "user", "content": content}], "sampling": sampling,
-              "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
-    return Message("request", uuid.uuid4().hex, fields, tensors)
+OPERATOR_MEDIA = MediaPolicy(allowed_local_media_path=Path("/"), allow_private_urls=True)  # the command line's user
 
 
 def print_result(result: dict, as_json: bool) -> None:
@@ -52,82 +45,99 @@ def print_result(result: dict, as_json: bool) -> None:
               f"generated tokens; " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()) + "]", file=sys.stderr)
 
 
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def absolute(source: str) -> str:
+    """A command-line path as the media fetcher takes it (absolute); URLs and data URIs as they are."""
+    return source if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", source) else os.path.abspath(source)
+
+
+async def read_media(args) -> tuple[list[bytes], object]:
+    images = [await fetch_image(absolute(s), OPERATOR_MEDIA) for s in args.image]
+    video = await read_video(absolute(args.video), args.fps, OPERATOR_MEDIA) if args.video else None
+    return images, video
+
+
 def run(args) -> int:
-    front = Frontend(args.transport)
+    options = Options.from_args(args)
+    options.check()
+    images, video = asyncio.run(read_media(args))
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)
+    pipeline = Pipeline(options)
+    recorder = None
     try:
-        front.start_workers(args, visual=True)
-        recorder = Recorder(front.endpoints["embeds"], args.record) if args.record else None
-        front.wait_ready({"visual", "llm"}, recorder)
-        request = build_request(args)
-        front.requests.send_multipart(request.encode())
-        print_result(front.collect(request.id, sys.stdout, recorder), args.json)
+        pipeline.start()
+        recorder = Recorder(pipeline.endpoints.embeds, args.record) if args.record else None
+        pipeline.wait_ready(idle=recorder.poll if recorder else None)
+        while recorder is not None and not recorder.live:
+            recorder.poll()
+            time.sleep(0.05)
+        prompter = Prompter(options.model, pipeline.context_len)
+        request = prompter.request(user_message(args.prompt, images, video, args.fps), sampling,
+                                   PixelLimits(args.min_pixels, args.max_pixels))
+        print_result(collect(pipeline, request, write), args.json)
         return 0
     finally:
-        front.close()
+        if recorder is not None:
+            recorder.close()
+        pipeline.close()
 
 
 def replay(args) -> int:
     recording = read_recording(args.file)
-    front = Frontend(args.transport)
+    pipeline = Pipeline(Options.from_args(args))
     try:
         pub = zmq.Context.instance().socket(zmq.PUB)
-        pub.bind(front.endpoints["embeds"])
-        front.start_workers(args, visual=False)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:  # the LLM worker reports ready once a ping has reached it
-            pub.send_multipart(Message("ping", "", {}).encode())
-            msg = front.receive(timeout_s=0.2)
-            if msg is not None and msg.type == "ready":
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError("the LLM worker did not become ready")
+        pub.bind(pipeline.endpoints.embeds)
+        pipeline.start(("llm",))
+        # the LLM worker reports ready once a ping has reached it
+        pipeline.wait_ready(("llm",), idle=lambda: pub.send_multipart(encode(Ping())))
         for frames in recording:
-            pub.send_multipart(frames)
-            print_result(front.collect(decode(frames).id, sys.stdout), args.json)
+            msg = decode(frames)
+            if isinstance(msg, Embeds):  # its answer is printed before the next message goes
+                print_result(collect(pipeline, msg, write, send=lambda _: pub.send_multipart(frames)), args.json)
+            else:
+                pub.send_multipart(frames)
+        pub.close(linger=0)
         return 0
     finally:
-        front.close()
-
-
-def worker_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory (default: embedded demo)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
-    p.add_argument("--visual-device", default="cpu", help="cpu or cuda:N")
-    p.add_argument("--llm-device", default="cpu", help="cpu or cuda:N")
-    p.add_argument("--chunk-width", type=int, default=640, help="image_embeds chunk width along hidden")
-    p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="ipc:// sockets or tcp://127.0.0.1")
-    p.add_argument("--json", action="store_true", help="last line of stdout: the result as one JSON object")
+        pipeline.close()
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["replay"]:
         p = argparse.ArgumentParser(prog="launch.py replay", description="replay a recorded queue into a fresh LLM worker")
         p.add_argument("file")
-        worker_options(p)
+        Options.add_arguments(p)
+        p.add_argument("--json", action="store_true", help="last line of stdout: each result as one JSON object")
         return replay(p.parse_args(argv[1:]))
     if argv[:1] == ["eval"]:
         from frontend import eval as evaluation
 
         p = argparse.ArgumentParser(prog="launch.py eval", description=evaluation.__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-        worker_options(p)
+        Options.add_arguments(p)
         evaluation.add_arguments(p)
         return evaluation.run(p.parse_args(argv[1:]))
     if argv[:1] == ["serve"]:
         from frontend.server import serve, serve_options
 
         p = argparse.ArgumentParser(prog="launch.py serve", description="OpenAI-compatible chat API over HTTP")
-        worker_options(p)
+        Options.add_arguments(p)
         serve_options(p)
         return serve(p.parse_args(argv[1:]))
     if argv[:1] == ["bench"]:
         from frontend.bench import bench, bench_options
 
         p = argparse.ArgumentParser(prog="launch.py bench", description="serving benchmark in the manner of vLLM's")
-        bench_options(p, DEFAULT_MODEL)
+        bench_options(p)
         return bench(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    worker_options(p)
+    Options.add_arguments(p)
     p.add_argument("--image", action="append", default=None, help="path, http(s) URL or data URI; repeatable")
     p.add_argument("--video", help="video file (decoded with PyAV) or a folder of frame images")
     p.add_argument("--fps", type=float, default=2.0, help="video frames per second to sample")
@@ -140,6 +150,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--min-pixels", type=int)
     p.add_argument("--max-pixels", type=int)
     p.add_argument("--record", help="write the embeds queue to this file for `launch.py replay`")
+    p.add_argument("--json", action="store_true", help="last line of stdout: the result as one JSON object")
     args = p.parse_args(argv)
     if args.image is None:
         args.image = [] if (args.video or args.prompt) else [str(DEFAULT_IMAGE)]
@@ -152,6 +163,6 @@ if __name__ == "__main__":
         sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:
         sys.exit(130)
-    except (WorkerDied, RuntimeError, ValueError, FileNotFoundError, TimeoutError, ProtocolError) as e:
+    except (WorkerDied, RuntimeError, ValueError, OSError, TimeoutError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(1)

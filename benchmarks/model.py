@@ -25,7 +25,8 @@ import psutil
 import torch
 
 from common.config import load_config
-from llm_worker.engine import Engine, SamplingParams
+from common.messages import SamplingParams
+from llm_worker.engine import Engine
 from llm_worker.inputs import prefill_inputs
 from llm_worker.model import LanguageModel
 from visual_worker.vision import VisionTransformer

@@ -20,16 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgpack
 import torch
 import zmq
 
-from common.protocol import DTYPES, Message, assemble_chunks, chunk_descriptors, decode
+from common.messages import Cancel, Embeds, SamplingParams
+from common.protocol import assemble_chunks, decode, encode, hidden_chunks
 
 GRID = [1, 64, 80]  # 5120 patches → 1280 tokens after the 2x2 merge: the seed deployment's token budget
 ROWS = GRID[0] * GRID[1] * GRID[2] // 4
 HIDDEN = 3584  # Qwen2.5-VL-7B's LLM hidden size, which the ViT's merger projects to
 IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653
-PROMPT_IDS = [151644, 872, 198, VISION_START] + [IMAGE_PAD] * ROWS + [VISION_END, 151645, 198, 151644, 77091, 198]
+PROMPT_IDS = [151644, 872, 198, VISION_START, IMAGE_PAD, VISION_END, 151645, 198, 151644, 77091, 198]
 WIDTHS = (640, HIDDEN)  # the default chunk width, and the whole hidden dimension as one frame
 WARMUP = 5
 # The copies here are memory-bound: a second thread buys little, and with two processes on a small machine its
@@ -44,21 +46,16 @@ def image_embeds() -> torch.Tensor:
     return torch.randn(ROWS, HIDDEN, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
 
 
-def embeds_message(rid: str, embeds: torch.Tensor, width: int) -> Message:
-    """What VisualWorker.process returns for one image of GRID."""
-    fields = {
-        "prompt_ids": PROMPT_IDS, "image_grid_thw": [GRID], "video_grid_thw": [], "second_per_grid_ts": [],
-        "sampling": {"max_new_tokens": 64}, "hidden": HIDDEN, "chunk_width": width, "dtype": "bfloat16",
-        "timings": {"preprocess_s": 0.0, "vit_s": 0.0, "sent_at": time.time()},
-    }
-    return Message("embeds", rid, fields, chunk_descriptors("image", embeds, width))
+def embeds_message(rid: str, embeds: torch.Tensor, width: int) -> Embeds:
+    """What VisualWorker.embed returns for one image of GRID."""
+    return Embeds(rid, PROMPT_IDS, [tuple(GRID)], [], [], SamplingParams(), HIDDEN, width, "bfloat16",
+                  hidden_chunks("image", embeds, width), {"preprocess_s": 0.0, "vit_s": 0.0, "sent_at": time.time()})
 
 
-def assemble_embeds(msg: Message) -> torch.Tensor:
+def assemble_embeds(msg: Embeds) -> torch.Tensor:
     """What LLMWorker.start does with a decoded embeds message before prefill: rows from the grid, reassemble."""
-    f = msg.fields
-    rows = sum(t * h * w for t, h, w in f["image_grid_thw"]) // 4
-    return assemble_chunks(msg, "image", rows, f["hidden"], f["chunk_width"], DTYPES[f["dtype"]])
+    rows = sum(t * h * w for t, h, w in msg.image_grid_thw) // 4
+    return assemble_chunks(msg, "image", rows)
 
 
 # ---- the sender process ----
@@ -77,14 +74,13 @@ def serve(embeds_endpoint: str, requests_endpoint: str, threads: int) -> None:
     while os.getppid() == parent:
         if not requests.poll(200):
             continue
-        request = decode(requests.recv_multipart(copy=False))
-        reply = request.fields["reply"]
+        rid, reply, width = msgpack.unpackb(requests.recv())  # this benchmark's own control message
         if reply == "stop":
             break
         if reply == "ping":
-            pub.send_multipart(Message("ping", request.id, {}).encode())
+            pub.send_multipart(encode(Cancel(rid)))  # the smallest message that names a request
         else:
-            pub.send_multipart(embeds_message(request.id, embeds, request.fields["chunk_width"]).encode(), copy=False)
+            pub.send_multipart(encode(embeds_message(rid, embeds, width)), copy=False)
     pub.close(linger=0)
     requests.close(linger=0)
 
@@ -127,10 +123,10 @@ class Receiver:
     def request(self, reply: str, width: int = 0, flags: int = 0) -> str:
         self.count += 1
         rid = str(self.count)
-        self.requests.send_multipart(Message("ping", rid, {"reply": reply, "chunk_width": width}).encode(), flags)
+        self.requests.send(msgpack.packb([rid, reply, width]), flags)
         return rid
 
-    def reply(self, rid: str) -> Message:
+    def reply(self, rid: str):
         """The decoded reply to `rid`, as LLMWorker.receive decodes it; late replies to handshake pings are skipped."""
         while True:
             if not self.sub.poll(REPLY_TIMEOUT_S * 1000):
@@ -194,7 +190,7 @@ def in_process_rows(embeds: torch.Tensor, repeats: int) -> list[dict]:
             return torch.cat([c.contiguous() for c in embeds.split(width, dim=1)], dim=1)
 
         def protocol():
-            return assemble_embeds(decode(embeds_message("0", embeds, width).encode()))
+            return assemble_embeds(decode(encode(embeds_message("0", embeds, width))))
 
         rows.append(row("split+contiguous+cat", width, time_calls(split_cat, repeats), embeds.nbytes))
         rows.append(row("protocol, no socket", width, time_calls(protocol, repeats), embeds.nbytes))

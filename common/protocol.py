@@ -1,37 +1,25 @@
-"""The wire protocol between the front end, the visual worker and the LLM worker.
-
-A message is a ZeroMQ multipart message: frame 0 is a msgpack header (protocol version, message type, request
-id, the type's fields, and one descriptor per tensor), each further frame is one tensor's raw bytes. No pickle.
-image_embeds travel split along the hidden dimension into `chunk_width`-wide chunks, one frame each.
-"""
+"""The wire format of common/messages.py: a ZeroMQ multipart message whose frame 0 is msgpack `[VERSION, message]`
+and whose further frames are the raw bytes of the message's tensors and blobs, in the order the header names them
+(zero-copy both ways, never pickle). `decode` checks the version, every field against its declared type, every
+tensor's dtype, shape and byte count, and that each frame is used exactly once; anything off is a ProtocolError
+naming the request when the header named one. image_embeds travel as hidden-dimension chunks (`split_hidden_chunks`,
+`assemble_chunks`)."""
 
 import math
+import threading
 import warnings
-from dataclasses import dataclass, field
 
-import msgpack
+import msgspec
 import torch
 from torch import Tensor
 
-VERSION = 2
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8,
-          "int64": torch.int64}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+from common.config import DTYPES as MODEL_DTYPES
+from common.messages import Blob, Chunk, Embeds, Error, Message
 
-# message type → required header fields and their types
-SCHEMAS = {
-    "request": {"messages": list, "sampling": dict},
-    "embeds": {"prompt_ids": list, "image_grid_thw": list, "video_grid_thw": list, "second_per_grid_ts": list,
-               "sampling": dict, "hidden": int, "chunk_width": int, "dtype": str, "timings": dict},
-    # one per decode step (id ""): [request id, new token ids, text that may be shown now] for every request that
-    # got a token, so a batch of 8 is one message, not 8
-    "tokens": {"requests": list},
-    "finish": {"finish_reason": str, "prompt_tokens": int, "completion_tokens": int, "timings": dict},
-    "error": {"message": str, "code": int},  # code 400: the request was at fault; 500: the pipeline was
-    "ready": {"worker": str},
-    "ping": {},
-    "cancel": {},  # front end → visual worker → LLM worker, in order behind the request it names
-}
+VERSION = 3
+DTYPES = {**MODEL_DTYPES, "uint8": torch.uint8, "int64": torch.int64}  # what a tensor frame may hold
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_DIMS = 8
 
 
 class ProtocolError(ValueError):
@@ -42,80 +30,120 @@ class ProtocolError(ValueError):
         self.request_id = request_id
 
 
-@dataclass
-class Message:
-    type: str
-    id: str
-    fields: dict = field(default_factory=dict)
-    tensors: list[tuple[dict, Tensor]] = field(default_factory=list)  # (descriptor, tensor)
+class _Named(msgspec.Struct):
+    """Any message read leniently for its id alone, so an error can name the request a broken message was for."""
 
-    def encode(self) -> list:
-        descriptors = []
-        frames = []
-        for desc, t in self.tensors:
-            t = t.detach().contiguous().cpu()
-            descriptors.append({**desc, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)})
-            frames.append(t.view(torch.uint8).numpy().data if t.numel() else b"")  # zero-copy buffer
-        header = {"v": VERSION, "type": self.type, "id": self.id, "fields": self.fields, "tensors": descriptors}
-        return [msgpack.packb(header), *frames]
+    id: str | None = None
 
 
-def error_message(request_id: str, error: Exception) -> Message:
+_state = threading.local()  # the frames of the message being encoded or decoded on this thread
+
+
+def _encode_frame(obj):
+    frames = _state.frames
+    if isinstance(obj, Tensor):
+        t = obj.detach().contiguous().cpu()
+        if t.dtype not in DTYPE_NAMES:
+            raise TypeError(f"tensors of dtype {t.dtype} cannot travel; allowed: {sorted(DTYPES)}")
+        frames.append(t.view(torch.uint8).numpy().data if t.numel() else b"")  # a zero-copy buffer
+        return ["tensor", DTYPE_NAMES[t.dtype], list(t.shape), len(frames) - 1]
+    if isinstance(obj, Blob):
+        frames.append(obj.data)
+        return ["blob", len(frames) - 1]
+    raise NotImplementedError(f"{type(obj).__name__} cannot travel")
+
+
+def _frame(index) -> memoryview:
+    frames, used = _state.frames, _state.used
+    if not isinstance(index, int) or not 1 <= index < len(frames):
+        raise ValueError(f"frame {index!r} is not one of the message's {len(frames) - 1} data frames")
+    if index in used:
+        raise ValueError(f"frame {index} is named twice")
+    used.add(index)
+    frame = frames[index]
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def _decode_frame(kind: type, obj):
+    if kind is Blob:
+        if not (isinstance(obj, list) and len(obj) == 2 and obj[0] == "blob"):
+            raise ValueError(f"expected a blob descriptor ['blob', frame], got {obj!r}"[:200])
+        return Blob(_frame(obj[1]))
+    if kind is Tensor:
+        if not (isinstance(obj, list) and len(obj) == 4 and obj[0] == "tensor"):
+            raise ValueError(f"expected a tensor descriptor ['tensor', dtype, shape, frame], got {obj!r}"[:200])
+        _, dtype_name, shape, index = obj
+        if dtype_name not in DTYPES:
+            raise ValueError(f"tensor dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+                and all(isinstance(n, int) and 0 <= n < 2**40 for n in shape)):
+            raise ValueError(f"tensor shape {shape!r} must be at most {MAX_DIMS} non-negative sizes"[:200])
+        dtype = DTYPES[dtype_name]
+        buf = _frame(index)
+        expected = math.prod(shape) * dtype.itemsize
+        if buf.nbytes != expected:
+            raise ValueError(f"tensor {dtype_name}{shape} needs {expected} bytes, its frame has {buf.nbytes}")
+        if not expected:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():  # zmq frames are read-only; the tensor is only read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+    raise NotImplementedError(f"{kind.__name__} cannot travel")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_encode_frame)
+_envelope = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
+_named = msgspec.msgpack.Decoder(_Named)
+_message = msgspec.msgpack.Decoder(Message, dec_hook=_decode_frame)
+
+
+def encode(msg: Message) -> list:
+    """msg → [header, *data frames], ready for send_multipart (copy=False keeps the tensors zero-copy)."""
+    _state.frames = [None]
+    try:
+        header = _encoder.encode((VERSION, msg))
+        frames = _state.frames
+    finally:
+        _state.frames = None
+    frames[0] = header
+    return frames
+
+
+def decode(frames: list) -> Message:
+    """A received multipart message (bytes or zmq Frames) → its typed message; anything off raises ProtocolError."""
+    if not frames:
+        raise ProtocolError("empty message")
+    head = frames[0]
+    try:
+        version, raw = _envelope.decode(head.buffer if hasattr(head, "buffer") else head)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"the header is not [version, message] msgpack: {e}") from None
+    try:
+        rid = _named.decode(raw).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        rid = None
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, this build speaks {VERSION}", rid)
+    _state.frames, _state.used = frames, set()
+    try:
+        msg = _message.decode(raw)
+        unused = len(frames) - 1 - len(_state.used)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"malformed message: {e}", rid) from None
+    finally:
+        _state.frames = _state.used = None
+    if unused:
+        raise ProtocolError(f"{type(msg).__name__} message: {unused} of its {len(frames) - 1} data frames are not "
+                            "named by the header", rid)
+    return msg
+
+
+def error_message(request_id: str, error: Exception) -> Error:
     """The error reply for a failed request: code 400 when the request's content was at fault (an unreadable image,
     a prompt past the context, bad sampling values: ValueError or KeyError), 500 for anything else, a broken message
     between the processes (ProtocolError) included."""
     bad_input = isinstance(error, (ValueError, KeyError)) and not isinstance(error, ProtocolError)
-    return Message("error", request_id, {"message": f"{type(error).__name__}: {error}", "code": 400 if bad_input else 500})
-
-
-def decode(frames: list) -> Message:
-    """Checks every part of an arriving message; anything off raises ProtocolError saying what."""
-    if not frames:
-        raise ProtocolError("empty message")
-    try:
-        header = msgpack.unpackb(bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]))
-    except Exception as e:
-        raise ProtocolError(f"header is not valid msgpack: {e}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("header is not a map")
-    rid = header.get("id") if isinstance(header.get("id"), str) else None
-    if header.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {header.get('v')!r}, this build speaks {VERSION}", rid)
-    kind = header.get("type")
-    if kind not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {kind!r}; known: {sorted(SCHEMAS)}", rid)
-    if rid is None:
-        raise ProtocolError(f"{kind} message without a string request id")
-    fields = header.get("fields")
-    if not isinstance(fields, dict):
-        raise ProtocolError(f"{kind} message: fields is not a map", rid)
-    for name, typ in SCHEMAS[kind].items():
-        if not isinstance(fields.get(name), typ):
-            raise ProtocolError(f"{kind} message: field {name!r} must be {typ.__name__}, got {fields.get(name)!r}", rid)
-    descriptors = header.get("tensors")
-    if not isinstance(descriptors, list) or len(descriptors) != len(frames) - 1:
-        raise ProtocolError(f"{kind} message: {len(frames) - 1} tensor frames but header describes "
-                            f"{len(descriptors) if isinstance(descriptors, list) else 'none'}", rid)
-    tensors = []
-    for desc, frame in zip(descriptors, frames[1:]):
-        tensors.append((desc, _tensor(desc, frame, kind, rid)))
-    return Message(kind, rid, fields, tensors)
-
-
-def _tensor(desc, frame, kind: str, rid: str) -> Tensor:
-    if not isinstance(desc, dict) or desc.get("dtype") not in DTYPES or not isinstance(desc.get("shape"), list):
-        raise ProtocolError(f"{kind} message: bad tensor descriptor {desc!r}", rid)
-    dtype, shape = DTYPES[desc["dtype"]], desc["shape"]
-    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-    expected = math.prod(shape) * dtype.itemsize
-    if buf.nbytes != expected:
-        raise ProtocolError(f"{kind} message: tensor {desc.get('name')!r} {desc['dtype']}{shape} needs {expected} "
-                            f"bytes, frame has {buf.nbytes}", rid)
-    if not expected:
-        return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():  # zmq frames are read-only; the tensor is only read
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+    return Error(request_id, f"{type(error).__name__}: {error}", 400 if bad_input else 500)
 
 
 def split_hidden_chunks(embeds: Tensor, width: int) -> list[Tensor]:
@@ -125,15 +153,16 @@ def split_hidden_chunks(embeds: Tensor, width: int) -> list[Tensor]:
     return list(embeds.split(width, dim=1))
 
 
-def chunk_descriptors(kind: str, embeds: Tensor, width: int) -> list[tuple[dict, Tensor]]:
-    return [({"name": kind, "index": i}, c) for i, c in enumerate(split_hidden_chunks(embeds, width))]
+def hidden_chunks(kind: str, embeds: Tensor, width: int) -> list[Chunk]:
+    return [Chunk(kind, i, c) for i, c in enumerate(split_hidden_chunks(embeds, width))]
 
 
-def assemble_chunks(msg: Message, kind: str, rows: int, hidden: int, width: int, dtype: torch.dtype) -> Tensor | None:
+def assemble_chunks(msg: Embeds, kind: str, rows: int) -> Tensor | None:
     """Reassembles the `kind` chunks of an embeds message into (rows, hidden); None when rows == 0.
 
     A missing, duplicate, mis-sized or mis-typed chunk raises ProtocolError naming it."""
-    chunks = [(d, t) for d, t in msg.tensors if d.get("name") == kind]
+    chunks = [c for c in msg.chunks if c.kind == kind]
+    hidden, width, dtype = msg.hidden, msg.chunk_width, DTYPES[msg.dtype]
     count = math.ceil(hidden / width)
     if rows == 0:
         if chunks:
@@ -141,9 +170,9 @@ def assemble_chunks(msg: Message, kind: str, rows: int, hidden: int, width: int,
         return None
     out = torch.empty(rows, hidden, dtype=dtype)
     seen = set()
-    for desc, t in chunks:
-        i = desc.get("index")
-        if not isinstance(i, int) or not 0 <= i < count:
+    for c in chunks:
+        i, t = c.index, c.data
+        if not 0 <= i < count:
             raise ProtocolError(f"{kind} chunk index {i!r} outside 0..{count - 1}", msg.id)
         if i in seen:
             raise ProtocolError(f"{kind} chunk {i} arrived twice", msg.id)
@@ -152,7 +181,7 @@ def assemble_chunks(msg: Message, kind: str, rows: int, hidden: int, width: int,
         if tuple(t.shape) != (rows, w):
             raise ProtocolError(f"{kind} chunk {i} has shape {list(t.shape)}, expected {[rows, w]}", msg.id)
         if t.dtype != dtype:
-            raise ProtocolError(f"{kind} chunk {i} is {DTYPE_NAMES[t.dtype]}, expected {DTYPE_NAMES[dtype]}", msg.id)
+            raise ProtocolError(f"{kind} chunk {i} is {DTYPE_NAMES[t.dtype]}, expected {msg.dtype}", msg.id)
         out[:, i * width : i * width + w] = t
     if len(seen) != count:
         missing = sorted(set(range(count)) - seen)

@@ -1,35 +1,51 @@
-"""What every worker process shares: command-line options for model, device and endpoints, and dying with its parent."""
+"""What every worker process shares: its command line (the shared Options plus device, endpoints and threads), the
+heartbeat thread that tells the front end it is alive, and dying with its parent."""
 
 import argparse
 import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 
 import torch
+import zmq
 
 from common.config import DTYPES, load_config
+from common.messages import HEARTBEAT_S, Heartbeat
+from common.options import Options
+from common.protocol import encode
 
 
-def worker_args(description: str, embeds_help: str) -> argparse.ArgumentParser:
+def worker_parser(description: str, names: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The command line of `python -m visual_worker` / `python -m llm_worker`: the named shared options, then the
+    worker's own; the caller adds its endpoints."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", required=True, help="checkpoint directory in Hugging Face layout")
+    Options.add_arguments(p, names)
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's own dtype")
-    p.add_argument("--embeds", required=True, help=embeds_help)
     p.add_argument("--results", required=True, help="front end's results endpoint to connect to")
     p.add_argument("--exit-with-parent", action="store_true", help="die when the launching process dies")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, every core)")
     return p
 
 
-def set_threads(n: int | None) -> None:
-    """Two workers on one host each wanting every core make both wait on each other's threads: a CPU op whose
-    threads are not all scheduled stalls for milliseconds, so the launcher gives each worker its share."""
-    if n is not None:
-        if n < 1:
-            sys.exit(f"--threads must be at least 1, got {n}")
-        torch.set_num_threads(n)
+def start_worker(args: argparse.Namespace) -> Options:
+    """Applies the worker-process flags (dying with the parent, threads) and returns the checked shared options."""
+    if args.exit_with_parent:
+        die_with_parent()
+    if args.threads is not None:
+        # Two workers on one host each wanting every core make both wait on each other's threads: a CPU op whose
+        # threads are not all scheduled stalls for milliseconds, so the launcher gives each worker its share.
+        if args.threads < 1:
+            sys.exit(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    options = Options.from_args(args)
+    try:
+        options.check()
+    except ValueError as e:
+        sys.exit(str(e))
+    return options
 
 
 def resolve_dtype(model_dir, name: str | None) -> torch.dtype:
@@ -42,3 +58,34 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() == 1:
         sys.exit("parent already gone")
+
+
+class Heartbeats:
+    """A thread with a socket of its own that sends a Heartbeat to the front end every HEARTBEAT_S. The worker loop
+    calls `busy()` when it starts a piece of work and `idle()` when done, so a loop stuck inside one shows as a
+    growing busy_s while a stopped or dead process shows as silence."""
+
+    def __init__(self, worker: str, results: str):
+        self.worker, self.started = worker, None
+        self.socket = zmq.Context.instance().socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.SNDHWM, 4)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(results)
+        threading.Thread(target=self.run, name="heartbeats", daemon=True).start()
+
+    def busy(self) -> None:
+        self.started = time.monotonic()
+
+    def idle(self) -> None:
+        self.started = None
+
+    def run(self) -> None:
+        pid = os.getpid()
+        while True:
+            started = self.started
+            busy = 0.0 if started is None else time.monotonic() - started
+            try:
+                self.socket.send_multipart(encode(Heartbeat(self.worker, pid, busy)), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the front end is not reading: it learns nothing new from a queue of heartbeats
+            time.sleep(HEARTBEAT_S)

@@ -2,6 +2,7 @@
 `tokenizers` and `jinja2`)."""
 
 import json
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -71,6 +72,7 @@ class Tokenizer:
         pad = special_tokens.get("pad_token")
         self.pad_token_id = tokenizer.token_to_id(pad) if pad is not None else None
         self.image_pad_id, self.video_pad_id = tokenizer.token_to_id(IMAGE_PAD), tokenizer.token_to_id(VIDEO_PAD)
+        self._special = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
 
     @classmethod
     def from_dir(cls, model_dir) -> "Tokenizer":
@@ -109,18 +111,40 @@ class Tokenizer:
             **self._special_tokens,
         )
 
-    def expand_vision_pads(self, ids: list[int], image_grid_thw, video_grid_thw, merge_size=2) -> list[int]:
-        """Each <|image_pad|> (<|video_pad|>) becomes t·h·w / merge_size² copies, one grid per pad, in order."""
-        lengths = {}  # pad id -> iterator over the token count of each of its grids, in order
-        for pad_id, name, grids in (
-            (self.image_pad_id, IMAGE_PAD, image_grid_thw),
-            (self.video_pad_id, VIDEO_PAD, video_grid_thw),
-        ):
-            grids = [] if grids is None else [[int(x) for x in thw] for thw in grids]
-            if (n_pads := ids.count(pad_id)) != len(grids):
-                raise ValueError(f"{n_pads} {name} tokens in the prompt but {len(grids)} grids given")
-            lengths[pad_id] = iter([t * h * w // merge_size**2 for t, h, w in grids])
-        out = []
-        for i in ids:
-            out.extend([i] * next(lengths[i]) if i in lengths else [i])
-        return out
+    def encode_chat(self, messages: list[dict], add_generation_prompt=True) -> list[int]:
+        """The chat template's token ids, where the special tokens are the template's own: a client's text that
+        spells one (`<|im_end|>` to fake a turn, `<|image_pad|>` to fake an image) is tokenized as plain text.
+
+        Texts without such strings (nearly all) give exactly what tokenizing the whole rendered prompt gives, as
+        transformers does. Otherwise the prompt is rendered with a marker in place of each text, and the pieces
+        between markers (the template's) and the texts (the client's) are tokenized apart."""
+        texts = [t for m in messages for t in _texts(m.get("content"))]
+        if not any(token in text for text in texts for token in self._special):
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        marker = f"\ue000{uuid.uuid4().hex}\ue001"
+        marked = [{**m, "content": _mark(m.get("content"), marker)} for m in messages]
+        pieces = self.apply_chat_template(marked, add_generation_prompt).split(marker)
+        if len(pieces) != len(texts) + 1:
+            raise ValueError("this checkpoint's chat template changes message texts; it cannot keep the special "
+                             "tokens a client typed apart from its own")
+        ids = self.encode(pieces[0])
+        for text, piece in zip(texts, pieces[1:]):
+            self._tok.encode_special_tokens = True  # callers use one Tokenizer from one thread
+            try:
+                ids += self.encode(text)
+            finally:
+                self._tok.encode_special_tokens = False
+            ids += self.encode(piece)
+        return ids
+
+
+def _texts(content) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    return [p["text"] for p in content or () if isinstance(p, dict) and p.get("type") == "text"]
+
+
+def _mark(content, marker: str):
+    if isinstance(content, str):
+        return marker
+    return [{**p, "text": marker} if isinstance(p, dict) and p.get("type") == "text" else p for p in content or ()]

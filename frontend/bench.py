@@ -25,17 +25,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.options import Options
 from common.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PERCENTILES = {"mean": None, "median": 50, "p99": 99}
 
 
-def bench_options(p, default_model: Path) -> None:
-    p.add_argument("--model", type=Path, default=default_model,
-                   help="checkpoint the bench serves itself, and whose tokenizer makes the prompts (default: embedded demo)")
+def bench_options(p) -> None:
+    Options.add_arguments(p, ("model", "dtype"))  # the started server's; the model's tokenizer makes the prompts
     p.add_argument("--url", help="benchmark this running server (http://host:port) instead of starting one")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="for the started server")
     p.add_argument("--image-size", default="1280x720", help="WIDTHxHEIGHT of the random images")
     p.add_argument("--input-len", type=int, default=128, help="prompt text tokens besides the image")
     p.add_argument("--output-len", type=int, default=256, help="tokens generated per request (ignore_eos)")
@@ -175,9 +174,9 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dtype = ["--dtype", args.dtype] if args.dtype else []
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "serve", "--model", str(args.model), *dtype,
-                             "--port", str(port), "--max-batch", str(max_batch)], cwd=ROOT)
+    served = Options.from_args(args).argv(("model", "dtype"))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "serve", *served, "--port", str(port),
+                             "--max-batch", str(max_batch)], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:

@@ -19,10 +19,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from common.protocol import Message
-from frontend.client import Frontend
+from common.messages import SamplingParams
+from common.options import Options
+from frontend.pipeline import Pipeline, answers
+from frontend.prompt import Prompter, user_message
 
 MCQ_INSTRUCTION = "Please select the correct answer from the options above."
 IOU_THRESHOLD = 0.5
@@ -139,33 +139,12 @@ def score(row: Row, prediction: str, mode: str) -> dict:
     return {"extracted": normalise(prediction), "correct": row.answer is not None and normalise(prediction) == normalise(row.answer)}
 
 
-def build_request(row: Row, mode: str, max_new_tokens: int) -> Message:
-    prompt = mcq_prompt(row.question, row.hint, row.options) if mode == "mcq" else row.question
-    content = [{"type": "image"} for _ in row.images] + [{"type": "text", "text": prompt}]
-    tensors = [({"name": "image"}, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in row.images]
-    fields = {"messages": [{"role": "user", "content": content}],
-              "sampling": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
-    return Message("request", uuid.uuid4().hex, fields, tensors)
-
-
-def answers(front: Frontend, rows: list[Row], mode: str, max_new_tokens: int, in_flight: int):
-    """Yields (row position, answer text, error or None) as answers finish, keeping `in_flight` requests queued so
-    the LLM worker can batch them while the visual worker embeds the next."""
-    waiting, texts, next_row = {}, defaultdict(list), 0
-    while next_row < len(rows) or waiting:
-        while next_row < len(rows) and len(waiting) < in_flight:
-            request = build_request(rows[next_row], mode, max_new_tokens)
-            front.requests.send_multipart(request.encode())
-            waiting[request.id] = next_row
-            next_row += 1
-        msg = front.receive()
-        if msg.id not in waiting:
-            continue
-        if msg.type == "token":
-            texts[msg.id].append(msg.fields["text"])
-        elif msg.type in ("finish", "error"):
-            error = msg.fields["message"] if msg.type == "error" else None
-            yield waiting.pop(msg.id), "".join(texts.pop(msg.id, [])), error
+def requests(prompter: Prompter, rows: list[Row], mode: str, max_new_tokens: int):
+    """Each row as a greedy request (its id: the row's position), built as it is needed."""
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    for i, row in enumerate(rows):
+        prompt = mcq_prompt(row.question, row.hint, row.options) if mode == "mcq" else row.question
+        yield prompter.request(user_message(prompt, row.images), sampling, request_id=str(i))
 
 
 class Progress:
@@ -258,6 +237,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, help="predictions file: .jsonl, or .tsv for anything else")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--in-flight", type=int, default=4, help="requests queued in the pipeline at once")
+    p.add_argument("--json", action="store_true", help="last line of stdout: the summary as one JSON object")
 
 
 def run(args) -> int:
@@ -271,18 +251,23 @@ def run(args) -> int:
     mode = args.mode or ("mcq" if rows[0].options else "open")
     if mode == "mcq" and not all(row.options for row in rows):
         raise ValueError(f"{args.data}: --mode mcq needs option columns (A, B, ...) in every row")
+    options = Options.from_args(args)
+    options.check()
     results: list[dict | None] = [None] * len(rows)
-    front = Frontend(args.transport)
+    pipeline = Pipeline(options)
     try:
-        front.start_workers(args, visual=True)
-        front.wait_ready({"visual", "llm"})
+        pipeline.start()
+        pipeline.wait_ready()
+        prompter = Prompter(options.model, pipeline.context_len)
         progress, right = Progress(len(rows)), 0
-        for done, (i, text, error) in enumerate(answers(front, rows, mode, args.max_new_tokens, args.in_flight), 1):
-            results[i] = {"prediction": text, **score(rows[i], text, mode), "error": error}
+        queued = requests(prompter, rows, mode, args.max_new_tokens)
+        for done, (request, answer) in enumerate(answers(pipeline, queued, args.in_flight), 1):
+            i, text = int(request.id), answer["text"]
+            results[i] = {"prediction": text, **score(rows[i], text, mode), "error": answer.get("error")}
             right += results[i]["correct"]
             progress.update(done, right)
     finally:
-        front.close()
+        pipeline.close()
     summary = summarise(rows, results, mode)
     if args.out is not None:
         write_predictions(args.out, rows, results)

@@ -13,31 +13,37 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
 import uvicorn
 import zmq
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.protocol import Message, ProtocolError
-from frontend.client import Frontend, WorkerDied, fetch, read_video
-from llm_worker.engine import SamplingParams
+from common.messages import MAX_NEW_TOKENS, MAX_SEED, Error, Finish, PixelLimits, Result, SamplingParams, TokenEntry
+from common.options import Options
+from frontend.media import MediaError, MediaPolicy, fetch_image, read_video
+from frontend.pipeline import Pipeline
+from frontend.processes import WorkerDied
+from frontend.prompt import Prompter
 
-UNTIL_CONTEXT_END = 2**31 - 1  # max_new_tokens when the request sets none: the LLM worker stops at the context's end
+DEFAULT_MAX_TOKENS = 1024  # max_tokens when a request sets none (--default-max-tokens); the context end bounds it too
+MAX_BODY_BYTES = 64 * 2**20  # a request body past this is refused with 413 before it is parsed (--max-body-mb)
+MAX_TEXT_CHARS = 1 << 20  # one text part; the context refuses far less, but this bounds the tokenizer's work
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class ImageURL(BaseModel):
-    url: str
+    url: str = Field(max_length=MAX_BODY_BYTES)
     detail: str | None = None  # accepted, not used: images go in at their own resolution within min/max pixels
 
 
@@ -47,8 +53,8 @@ class ImagePart(BaseModel):
 
 
 class VideoURL(BaseModel):
-    url: str
-    fps: float = Field(2.0, gt=0)
+    url: str = Field(max_length=MAX_BODY_BYTES)
+    fps: float = Field(2.0, gt=0, le=120)
 
 
 class VideoPart(BaseModel):
@@ -61,7 +67,7 @@ Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[Part]
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | list[Part]
 
 
 class StreamOptions(BaseModel):
@@ -70,16 +76,16 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: Annotated[str, Field(min_length=1, max_length=256)] | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, max_length=16)
     n: int = Field(1, ge=1, le=1)
     ignore_eos: bool = False
 
@@ -87,7 +93,8 @@ class ChatRequest(BaseModel):
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 500: "server_error", 503: "service_unavailable"}
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+             413: "invalid_request_error", 500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -102,14 +109,15 @@ class APIError(Exception):
 
 
 class Router:
-    """Reads every result message in a thread of its own and puts it on its request's asyncio queue; when a worker
-    dies, every open request gets the WorkerDied error and new ones are refused."""
+    """Reads every result in a thread of its own and puts it on its request's asyncio queue. It also supervises:
+    when a worker dies or stops answering, the requests it held get a 503 naming it, the worker is restarted with
+    backoff, and new requests are refused with 503 until it is ready again. Nothing a message holds stops it."""
 
-    def __init__(self, front: Frontend, loop: asyncio.AbstractEventLoop):
-        self.front, self.loop = front, loop
+    def __init__(self, pipeline: Pipeline, loop: asyncio.AbstractEventLoop):
+        self.pipeline, self.loop = pipeline, loop
         self.queues: dict[str, asyncio.Queue] = {}
+        self.decoding: set[str] = set()  # requests that have had a token: the LLM worker holds them
         self.lock = threading.Lock()
-        self.dead: WorkerDied | None = None
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self.run, name="results-router", daemon=True)
         self.thread.start()
@@ -117,154 +125,164 @@ class Router:
     def run(self) -> None:
         while not self.closing.is_set():
             try:
-                batch = self.front.receive_batch(timeout_s=0.2)
+                self.pipeline.restart_due()
+                batch = self.pipeline.receive(timeout_s=0.2)
             except WorkerDied as e:
-                with self.lock:
-                    self.dead, queues = e, list(self.queues.values())
-                for q in queues:
-                    self.loop.call_soon_threadsafe(q.put_nowait, e)
-                return
-            except ProtocolError as e:
-                print(f"server: a result message broke the protocol: {e}", file=sys.stderr)
+                self.worker_died(e)
+                continue
+            except Exception as e:  # a bug, not input: logged, and the router goes on
+                print(f"server: the results router hit {e!r}; going on", file=sys.stderr)
+                time.sleep(0.2)
                 continue
             if batch:  # a decode step's tokens for every request in one hand-over to the event loop
                 self.loop.call_soon_threadsafe(self.deliver, batch)
 
-    def deliver(self, batch: list[Message]) -> None:
-        for msg in batch:
-            if (q := self.queues.get(msg.id)) is not None:
-                q.put_nowait(msg)
+    def worker_died(self, e: WorkerDied) -> None:
+        wait = self.pipeline.restart(e)
+        print(f"server: {e}; restarting it in {wait:.0f} s", file=sys.stderr)
+        error = WorkerDied(e.worker, f"{e}; the request was lost with it (restarting the worker)")
+        with self.lock:  # the LLM worker held every open request; the visual worker those with no token yet
+            lost = [rid for rid in self.queues if e.worker == "llm" or rid not in self.decoding]
+        self.loop.call_soon_threadsafe(self.deliver, [(rid, error) for rid in lost])
+
+    def deliver(self, batch: list[Result | tuple[str, WorkerDied]]) -> None:
+        for item in batch:
+            rid, event = (item if isinstance(item, tuple) else (item.id, item))
+            if (q := self.queues.get(rid)) is not None:
+                if isinstance(event, TokenEntry):
+                    self.decoding.add(rid)
+                q.put_nowait(event)
 
     def check(self) -> None:
-        """Raises WorkerDied when a worker is down."""
-        if self.dead is not None:
-            raise self.dead
-        self.front.workers.check()
+        """Raises APIError 503 when a worker is not ready or the router has stopped."""
+        if not self.thread.is_alive():
+            raise APIError(503, "the server's results router has stopped")
+        for name, h in self.pipeline.health.items():
+            if h.state != "ready":
+                why = f" ({h.reason})" if h.reason else ""
+                raise APIError(503, f"the {name} worker is {h.state}{why}", code="worker_unavailable")
 
     def open(self, rid: str) -> asyncio.Queue:
+        self.check()
         with self.lock:
-            self.check()
             q = self.queues[rid] = asyncio.Queue()
         return q
 
     def close(self, rid: str) -> None:
-        self.queues.pop(rid, None)
+        with self.lock:
+            self.queues.pop(rid, None)
+        self.decoding.discard(rid)
 
     def stop(self) -> None:
         self.closing.set()
         self.thread.join()
 
 
-def sampling_fields(req: ChatRequest) -> dict:
-    """The request's sampling settings for the LLM worker, checked here by SamplingParams as the worker will."""
-    fields = {
-        "max_new_tokens": req.max_completion_tokens or req.max_tokens or UNTIL_CONTEXT_END,
-        "temperature": 1.0 if req.temperature is None else req.temperature,  # OpenAI's defaults
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "top_k": req.top_k or 0,
-        "seed": req.seed,
-        "ignore_eos": req.ignore_eos,
-        "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-    }
-    try:
-        SamplingParams(**fields)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
-    return fields
-
-
-async def media(part: ImagePart | VideoPart, index: int) -> tuple[dict, tuple[dict, torch.Tensor]]:
-    """An image or video part → its Hugging Face content part and the tensor that carries it."""
-    if isinstance(part, ImagePart):
-        url = part.image_url.url
-        if not url.startswith(("http://", "https://", "data:image/")):
-            raise APIError(400, f"image {index}: image_url must be an http(s) URL or a data:image/...;base64, URI, "
-                                f"got {url[:40]!r}", "messages")
-        try:
-            data = await asyncio.to_thread(fetch, url)
-        except (ValueError, OSError) as e:  # bad base64, bad URI, unreachable or failing URL
-            raise APIError(400, f"image {index}: cannot fetch {url[:60]!r}: {e}", "messages") from None
-        if not data:
-            raise APIError(400, f"image {index}: {url[:60]!r} holds no bytes", "messages")
-        return {"type": "image"}, ({"name": "image"}, torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    video = part.video_url
-    try:
-        frames = await asyncio.to_thread(read_video, video.url, video.fps)
-    except Exception as e:  # anything PyAV or PIL raise on the user's file is bad input
-        raise APIError(400, f"video {index}: cannot read {video.url[:60]!r}: {e}", "messages") from None
-    return {"type": "video", "fps": video.fps}, ({"name": "video"}, torch.from_numpy(frames))
-
-
-async def to_request(req: ChatRequest, rid: str) -> Message:
-    """OpenAI messages → a request message: parts become Hugging Face parts the chat template knows, in order."""
-    messages, tensors, count = [], [], {ImagePart: 0, VideoPart: 0}
-    for m in req.messages:
-        if isinstance(m.content, str):
-            messages.append({"role": m.role, "content": m.content})
-            continue
-        content = []
-        for part in m.content:
-            if isinstance(part, TextPart):
-                content.append({"type": "text", "text": part.text})
-                continue
-            count[type(part)] += 1
-            hf_part, tensor = await media(part, count[type(part)])
-            content.append(hf_part)
-            tensors.append(tensor)
-        messages.append({"role": m.role, "content": content})
-    return Message("request", rid, {"messages": messages, "sampling": sampling_fields(req)}, tensors)
-
-
 class Server:
-    def __init__(self, front: Frontend, model_name: str):
-        self.front, self.model_name = front, model_name
+    def __init__(self, pipeline: Pipeline, model_name: str, media: MediaPolicy, default_max_tokens: int,
+                 max_media: int):
+        self.pipeline, self.model_name, self.media = pipeline, model_name, media
+        self.default_max_tokens, self.max_media = default_max_tokens, max_media
+        self.prompter = Prompter(pipeline.options.model, pipeline.context_len)
+        self.text_work = ThreadPoolExecutor(1, thread_name_prefix="prompt")  # one tokenizer, one thread
         self.created = int(time.time())
         self.router: Router | None = None
 
-    def send(self, msg: Message) -> None:
+    def sampling(self, req: ChatRequest) -> SamplingParams:
+        """The request's sampling settings, checked by SamplingParams as the LLM worker will check them."""
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
-            self.front.requests.send_multipart(msg.encode(), flags=zmq.NOBLOCK)
+            return SamplingParams(
+                max_new_tokens=req.max_completion_tokens or req.max_tokens or self.default_max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's defaults
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+                ignore_eos=req.ignore_eos, stop=tuple(stop))
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    async def media_part(self, part: ImagePart | VideoPart, index: int) -> dict:
+        """An image or video part → the prompt builder's part holding its bytes or frames."""
+        if isinstance(part, ImagePart):
+            url = part.image_url.url
+            if not url.startswith(("http://", "https://", "data:image/")) and self.media.allowed_local_media_path is None:
+                raise APIError(400, f"image {index}: image_url must be an http(s) URL or a data:image/...;base64, URI, "
+                                    f"got {url[:40]!r}", "messages")
+            try:
+                return {"type": "image", "data": await fetch_image(url, self.media)}
+            except MediaError as e:
+                raise APIError(400, f"image {index}: cannot decode or fetch it: {e}", "messages") from None
+        video = part.video_url
+        try:
+            return {"type": "video", "frames": await read_video(video.url, video.fps, self.media), "fps": video.fps}
+        except MediaError as e:
+            raise APIError(400, f"video {index}: cannot read it: {e}", "messages") from None
+
+    async def to_request(self, req: ChatRequest, rid: str):
+        """OpenAI messages → a Request: media fetched (all of a request's at once), then the prompt built in the
+        tokenizer's thread."""
+        parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content if not isinstance(p, TextPart)]
+        if len(parts) > self.max_media:
+            raise APIError(400, f"{len(parts)} images and videos in one request; at most {self.max_media} are allowed "
+                                "(--max-media-per-request)", "messages")
+        count = {ImagePart: 0, VideoPart: 0}
+        numbered = []
+        for p in parts:
+            count[type(p)] += 1
+            numbered.append(self.media_part(p, count[type(p)]))
+        fetched = iter(await asyncio.gather(*numbered))
+        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                     [{"type": "text", "text": p.text} if isinstance(p, TextPart) else next(fetched) for p in m.content]}
+                    for m in req.messages]
+        sampling = self.sampling(req)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.text_work, lambda: self.prompter.request(messages, sampling,
+                                                                                            PixelLimits(), rid))
+        except UnicodeEncodeError:
+            raise APIError(400, "the messages hold text that is not valid Unicode (a lone surrogate?)",
+                           "messages") from None
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+
+    def send(self, request) -> None:
+        try:
+            self.pipeline.submit(request)
         except zmq.Again:
             raise APIError(503, "the visual worker is not taking requests") from None
 
     async def results(self, rid: str, queue: asyncio.Queue):
-        """The request's token messages, then its finish message; an error message raises APIError with the
-        worker's code. Leaving early (client gone) cancels the request in the workers."""
+        """The request's token events, then its finish event; an error raises APIError with the worker's code.
+        Leaving early (client gone, worker lost) cancels the request in the workers."""
         done = False
         try:
             while True:
-                msg = await queue.get()
-                if isinstance(msg, WorkerDied):
+                event = await queue.get()
+                if isinstance(event, WorkerDied):
+                    raise APIError(503, str(event), code="worker_died")
+                if isinstance(event, Error):
                     done = True
-                    raise APIError(503, str(msg))
-                if msg.type == "error":
-                    done = True
-                    raise APIError(msg.fields["code"], msg.fields["message"])
-                done = msg.type == "finish"
-                yield msg
+                    raise APIError(event.code, event.message)
+                done = isinstance(event, Finish)
+                yield event
                 if done:
                     return
         finally:
             self.router.close(rid)
             if not done:
-                try:
-                    self.send(Message("cancel", rid, {}))
-                except APIError:
-                    pass  # the workers are gone: nothing to cancel
+                with contextlib.suppress(zmq.ZMQError):
+                    self.pipeline.cancel(rid)
 
     async def chat(self, req: ChatRequest):
         if req.model != self.model_name:
             raise APIError(400, f"model {req.model!r} is not served here; this server serves {self.model_name!r}",
                            "model", "model_not_found")
         rid = uuid.uuid4().hex
-        msg = await to_request(req, rid)
-        try:
-            queue = self.router.open(rid)
-        except WorkerDied as e:
-            raise APIError(503, str(e)) from None
+        self.router.check()
+        request = await self.to_request(req, rid)
+        queue = self.router.open(rid)
         results = self.results(rid, queue)
         try:
-            self.send(msg)
+            self.send(request)
             first = await anext(results)  # errors before the first token still get their HTTP status
         except BaseException:
             await results.aclose()
@@ -275,17 +293,18 @@ class Server:
             return StreamingResponse(self.stream(head, first, results, usage), media_type="text/event-stream")
         text, finish = [], first
         try:
-            async for msg in _chain(first, results):
-                text.append(msg.fields.get("text", ""))
-                finish = msg
+            async for event in _chain(first, results):
+                if isinstance(event, TokenEntry):
+                    text.append(event.text)
+                finish = event
         finally:
             await results.aclose()
         return {**head, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
-            "finish_reason": finish.fields["finish_reason"],
+            "finish_reason": finish.finish_reason,
         }], "usage": usage_of(finish)}
 
-    async def stream(self, head: dict, first: Message, results, include_usage: bool):
+    async def stream(self, head: dict, first, results, include_usage: bool):
         """Server-sent events in the shape of OpenAI's chat.completion.chunk, then `data: [DONE]`."""
         extra = {"usage": None} if include_usage else {}  # OpenAI: usage is null on all but the last chunk
 
@@ -298,13 +317,13 @@ class Server:
 
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for msg in _chain(first, results):
-                if msg.type == "token" and msg.fields["text"]:
-                    yield chunk({"content": msg.fields["text"]})
-                elif msg.type == "finish":
-                    yield chunk({}, msg.fields["finish_reason"])
+            async for item in _chain(first, results):
+                if isinstance(item, TokenEntry) and item.text:
+                    yield chunk({"content": item.text})
+                elif isinstance(item, Finish):
+                    yield chunk({}, item.finish_reason)
                     if include_usage:
-                        yield event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(msg)})
+                        yield event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(item)})
         except APIError as e:  # after the first token: the status line has gone out already
             yield event(e.body())
         finally:
@@ -324,33 +343,84 @@ async def client_gone(request: Request) -> None:
         pass
 
 
-def usage_of(finish: Message) -> dict:
-    p, c = finish.fields["prompt_tokens"], finish.fields["completion_tokens"]
+def usage_of(finish: Finish) -> dict:
+    p, c = finish.prompt_tokens, finish.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def create_app(front: Frontend, model_name: str) -> FastAPI:
-    """The app over a Frontend whose workers are ready."""
-    server = Server(front, model_name)
+class BodyLimit:
+    """ASGI middleware: a request body past max_bytes (declared or streamed) is answered 413 unread."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self.refuse(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self.refuse(scope, receive, send)
+
+    async def refuse(self, scope, receive, send):
+        error = APIError(413, f"the request body is larger than the {self.max_bytes / 2**20:g} MiB allowed")
+        await error.response()(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPolicy(),
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, max_media: int = 16,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The app over a Pipeline whose workers are ready."""
+    server = Server(pipeline, model_name, media, default_max_tokens, max_media)
 
     async def lifespan(app):
-        server.router = Router(front, asyncio.get_running_loop())
+        server.router = Router(pipeline, asyncio.get_running_loop())
         yield
         server.router.stop()
 
     app = FastAPI(title="Qwen2.5-VL disaggregated", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
         return e.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return APIError(e.status_code, message.get(e.status_code, str(e.detail))).response()
+
+    @app.exception_handler(Exception)
+    async def internal(request, e: Exception):  # a bug: logged, answered without its internals
+        print(f"server: {request.url.path}: {e!r}", file=sys.stderr)
+        return APIError(500, "internal server error").response()
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
-        first = e.errors()[0]
+        errors = e.errors()
+        first = errors[0]
         if first["type"] == "json_invalid":
-            return APIError(400, f"the request body is not valid JSON: {first['ctx']['error']}").response()
+            return APIError(400, "the request body is not valid JSON").response()
         where = ".".join(str(x) for x in first["loc"] if x != "body")
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         return APIError(400, f"{where}: {first['msg']}{more}", where or None).response()
 
     @app.post("/v1/chat/completions")
@@ -375,11 +445,18 @@ def create_app(front: Frontend, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        try:
-            server.router.check()
-        except WorkerDied as e:
-            return APIError(503, str(e)).response()
+        server.router.check()
         return {"status": "ok"}
+
+    @app.get("/workers")
+    async def workers():
+        """Each worker's state as the front end sees it."""
+        now = time.monotonic()
+        return {name: {"state": h.state, "pid": h.pid, "busy_s": round(h.busy_s, 3),
+                       "heartbeat_age_s": round(now - h.last_heartbeat, 3) if h.last_heartbeat else None,
+                       "restarts": pipeline.workers.workers[name].restarts,
+                       "last_failures": pipeline.workers.workers[name].log}
+                for name, h in pipeline.health.items()}
 
     return app
 
@@ -388,17 +465,35 @@ def serve_options(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this host only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="model id clients must name (default: the model directory's name)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests the LLM worker decodes together")
+    p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="max_tokens of a request that sets none")
+    p.add_argument("--max-media-per-request", type=int, default=16, help="images and videos in one request")
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body")
+    p.add_argument("--allowed-local-media-path", type=Path,
+                   help="image and video URLs may name files under this folder (default: no local files)")
+    p.add_argument("--allowed-media-domains", default="",
+                   help="comma-separated hosts media URLs may name (default: any public host)")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let media URLs reach loopback, private and link-local addresses")
+    p.add_argument("--media-timeout-s", type=float, default=MediaPolicy.fetch_timeout_s,
+                   help="deadline for fetching and decoding one image or video")
 
 
 def serve(args) -> int:
-    front = Frontend(args.transport)
+    options = Options.from_args(args)
+    options.check()
+    media = MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
+                        allowed_media_domains=tuple(d for d in args.allowed_media_domains.split(",") if d),
+                        allow_private_urls=args.allow_private_urls, fetch_timeout_s=args.media_timeout_s)
+    pipeline = Pipeline(options)
     try:
-        front.start_workers(args, visual=True, max_batch=args.max_batch)
-        front.wait_ready({"visual", "llm"})
-        name = args.served_model_name or Path(args.model).resolve().name
+        pipeline.start()
+        pipeline.wait_ready()
+        name = args.served_model_name or Path(options.model).resolve().name
+        app = create_app(pipeline, name, media, args.default_max_tokens, args.max_media_per_request,
+                         int(args.max_body_mb * 2**20))
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-        uvicorn.run(create_app(front, name), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return 0
     finally:
-        front.close()
+        pipeline.close()

@@ -11,29 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no limit
-    seed: int | None = None
-    ignore_eos: bool = False  # run to max_new_tokens (benchmarks ask for exact output lengths)
-    stop: tuple[str, ...] = ()  # strings that end the text; the worker applies them to the text, not the engine
-
-    def __post_init__(self):
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+from common.messages import SamplingParams
 
 
 def argmax_rows(logits: Tensor) -> list[int]:
@@ -45,10 +23,18 @@ def argmax_rows(logits: Tensor) -> list[int]:
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from float32 logits (vocab,): temperature, then top-k, then top-p, as transformers orders them."""
+    """One token from logits (vocab,): temperature, then top-k, then top-p, as transformers orders them.
+
+    In float32, shifted so the largest logit is 0 before dividing by the temperature: every accepted temperature
+    (down to the smallest positive float) gives finite probabilities, the best token's at least exp(0) = 1 before
+    normalising, so multinomial always has something to draw. Non-finite logits (an overflowing low-precision
+    model) are clamped rather than poisoning the draw."""
     if params.temperature == 0:
         return argmax_rows(logits[None])[0]
-    logits = logits / params.temperature
+    logits = torch.nan_to_num(logits.float(), nan=float("-inf"))
+    if not torch.isfinite(logits.max()):  # all -inf (NaN) or some +inf: argmax is the only sound draw
+        return argmax_rows(logits[None])[0]
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,7 +55,8 @@ class Sequence:
     length: int  # slots written so far
     tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", "error" (then error says why)
+    error: Exception | None = None
 
     def push(self, token: int, max_len: int) -> None:
         self.tokens.append(token)
@@ -105,8 +92,9 @@ class Engine:
         logits = self.model(
             embeds[None], positions[:, None], slots, self.cache, logits_at=slots[:, -1], first_row=row
         )
+        token = sample(logits[0], params, generator)  # before the row is taken: a failure here leaves no half row
         self.active.append(seq)
-        seq.push(sample(logits[0], params, generator), self.max_len)
+        seq.push(token, self.max_len)
         return seq
 
     @torch.inference_mode()
@@ -123,9 +111,21 @@ class Engine:
         greedy = argmax_rows(logits)  # one pass for the whole batch
         for seq, row_logits, best in zip(self.active, logits, greedy):
             seq.length += 1
-            token = best if seq.params.temperature == 0 else sample(row_logits, seq.params, seq.generator)
+            try:
+                token = best if seq.params.temperature == 0 else sample(row_logits, seq.params, seq.generator)
+            except Exception as e:  # this sequence fails alone; the batch goes on
+                seq.finish_reason, seq.error = "error", e
+                continue
             seq.push(token, self.max_len)
         return list(self.active)
+
+    def abort_all(self, error: Exception) -> list[Sequence]:
+        """Ends every active sequence with `error` (a step that failed as a whole) and frees the rows."""
+        failed = list(self.active)
+        for seq in failed:
+            seq.finish_reason, seq.error = "error", error
+        self.active.clear()
+        return failed
 
     def release_finished(self) -> None:
         """Frees the rows of finished sequences, moving the last rows into the gaps."""
@@ -148,5 +148,7 @@ class Engine:
         yield seq.tokens[-1], seq.finish_reason
         while seq.finish_reason is None:
             self.step()
+            if seq.error is not None:
+                raise seq.error
             yield seq.tokens[-1], seq.finish_reason
         self.release_finished()

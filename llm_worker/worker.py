@@ -1,6 +1,7 @@
-"""The LLM worker process: subscribes to the visual worker's embeddings, reassembles the chunks, prefills and
-decodes all active requests together, and streams one tokens message a step, then a finish message for each
-request that ends, to the front end."""
+"""The LLM worker process: subscribes to the visual worker's embeddings, reassembles the chunks, expands each media
+item's pad, prefills and decodes all active requests together, and streams one Tokens message a step, then a Finish
+message for each request that ends, to the front end. No input stops it: a bad message fails its own request, a
+failed step fails the requests in it."""
 
 import os
 import sys
@@ -11,11 +12,16 @@ from dataclasses import dataclass, field
 import zmq
 
 from common.config import load_config
-from common.protocol import DTYPES, Message, ProtocolError, assemble_chunks, decode, error_message
+from common.messages import Cancel, Embeds, Finish, Message, Ping, Ready, TokenEntry, Tokens
+from common.options import Options
+from common.protocol import ProtocolError, assemble_chunks, decode, encode, error_message
+from common.runtime import Heartbeats, resolve_dtype
 from common.tokenizer import Tokenizer
-from llm_worker.engine import Engine, SamplingParams, Sequence
-from llm_worker.inputs import prefill_inputs
+from llm_worker.engine import Engine, Sequence
+from llm_worker.inputs import expand_vision_pads, prefill_inputs
 from llm_worker.model import LanguageModel
+
+MAX_EMBEDS_BYTES = 2**31  # a larger message on the embeds socket is dropped by ZeroMQ before it is read
 
 
 @dataclass
@@ -51,17 +57,21 @@ class Stream:
         return delta, bool(hits)
 
 
+
+
 class LLMWorker:
-    def __init__(self, model_dir, device, dtype, embeds: str, results: str, max_batch: int, max_len: int):
-        self.config = load_config(model_dir)
-        self.tokenizer = Tokenizer.from_dir(model_dir)
-        self.model = LanguageModel.from_pretrained(model_dir, dtype, device)
-        self.engine = Engine(self.model, max_batch, max_len)
-        self.pending: deque[tuple[Message, dict]] = deque()
+    def __init__(self, options: Options, device: str, embeds: str, results: str):
+        self.heartbeats = Heartbeats("llm", results)  # from the start: a stopped load shows as silence
+        self.config = load_config(options.model)
+        self.tokenizer = Tokenizer.from_dir(options.model)
+        self.model = LanguageModel.from_pretrained(options.model, resolve_dtype(options.model, options.dtype), device)
+        self.engine = Engine(self.model, options.max_batch, options.max_model_len)
+        self.pending: deque[tuple[Embeds, dict]] = deque()
         self.streams: dict[int, Stream] = {}  # id(Sequence) → its stream
         self.ready = False
         ctx = zmq.Context.instance()
         self.embeds = ctx.socket(zmq.SUB)
+        self.embeds.setsockopt(zmq.MAXMSGSIZE, MAX_EMBEDS_BYTES)
         self.embeds.connect(embeds)
         self.embeds.setsockopt(zmq.SUBSCRIBE, b"")
         self.results = ctx.socket(zmq.PUSH)
@@ -74,8 +84,10 @@ class LLMWorker:
             while self.embeds.poll(100 if idle else 0):
                 self.receive(self.embeds.recv_multipart(copy=False))
                 idle = False
+            self.heartbeats.busy()
             self.admit()
-            self.publish(self.engine.step())
+            self.step()
+            self.heartbeats.idle()
 
     def receive(self, frames) -> None:
         arrived = time.time()
@@ -83,16 +95,17 @@ class LLMWorker:
             msg = decode(frames)
         except ProtocolError as e:
             return self.fail(e.request_id, e)
-        if msg.type == "ping":
+        if isinstance(msg, Ping):
             if not self.ready:
                 self.ready = True
-                self.send(Message("ready", "llm", {"worker": "llm"}))
-            return
-        if msg.type == "cancel":
-            return self.cancel(msg.id)
-        if msg.type != "embeds":
-            return self.fail(msg.id, ProtocolError(f"the LLM worker takes embeds and cancel messages, got {msg.type}"))
-        self.pending.append((msg, {**msg.fields["timings"], "transport_s": arrived - msg.fields["timings"].get("sent_at", arrived)}))
+                self.send(Ready("llm", self.engine.max_len))
+        elif isinstance(msg, Cancel):
+            self.cancel(msg.id)
+        elif isinstance(msg, Embeds):
+            self.pending.append((msg, {**msg.timings, "transport_s": arrived - msg.timings.get("sent_at", arrived)}))
+        else:
+            self.fail(getattr(msg, "id", None),
+                      ProtocolError(f"the LLM worker takes embeds and cancel messages, got {type(msg).__name__}"))
 
     def admit(self) -> None:
         """Prefills queued requests while the engine has free rows."""
@@ -106,50 +119,64 @@ class LLMWorker:
             self.streams[id(seq)] = stream
             self.publish([seq])  # its first token goes out at once
 
-    def start(self, msg: Message, timings: dict) -> tuple[Sequence, Stream]:
-        f = msg.fields
-        dtype = DTYPES.get(f["dtype"])
-        if dtype is None or not dtype.is_floating_point:
-            raise ProtocolError(f"embeddings dtype {f['dtype']!r} is not a float type", msg.id)
-        merge = self.config.vision.spatial_merge_size ** 2
-        rows = {k: sum(t * h * w for t, h, w in f[f"{k}_grid_thw"]) // merge for k in ("image", "video")}
-        if f["hidden"] != self.config.text.hidden_size:
-            raise ProtocolError(f"embeddings are {f['hidden']} wide, this model's hidden size is {self.config.text.hidden_size}", msg.id)
-        image, video = (assemble_chunks(msg, k, rows[k], f["hidden"], f["chunk_width"], dtype) for k in ("image", "video"))
-        params = SamplingParams(**f["sampling"])
-        stream = Stream(msg.id, len(f["prompt_ids"]), timings, params.stop)
+    def step(self) -> None:
+        """One decode step of every active request; a step that fails as a whole fails the requests in it, and the
+        worker goes on with the next."""
+        try:
+            seqs = self.engine.step()
+        except Exception as e:
+            print(f"llm worker: a decode step failed: {e!r}", file=sys.stderr)
+            seqs = self.engine.abort_all(RuntimeError(f"the decode step failed: {type(e).__name__}"))
+        self.publish(seqs)
+
+    def start(self, msg: Embeds, timings: dict) -> tuple[Sequence, Stream]:
+        config = self.config
+        if msg.hidden != config.text.hidden_size:
+            raise ProtocolError(f"embeddings are {msg.hidden} wide, this model's hidden size is "
+                                f"{config.text.hidden_size}", msg.id)
+        ids = expand_vision_pads(msg.prompt_ids, msg.image_grid_thw, msg.video_grid_thw, config.image_token_id,
+                                 config.video_token_id, config.vision.spatial_merge_size)
+        if len(msg.second_per_grid_ts) != len(msg.video_grid_thw):
+            raise ProtocolError(f"{len(msg.video_grid_thw)} video grids but {len(msg.second_per_grid_ts)} "
+                                "second_per_grid_ts", msg.id)
+        merge = config.vision.spatial_merge_size ** 2
+        rows = {"image": sum(t * h * w for t, h, w in msg.image_grid_thw) // merge,
+                "video": sum(t * h * w for t, h, w in msg.video_grid_thw) // merge}
+        image, video = (assemble_chunks(msg, kind, rows[kind]) for kind in ("image", "video"))
+        stream = Stream(msg.id, len(ids), timings, msg.sampling.stop)
         embeds, positions, delta = prefill_inputs(
-            self.model, self.config, f["prompt_ids"], image, video,
-            f["image_grid_thw"], f["video_grid_thw"], f["second_per_grid_ts"],
-        )
-        seq = self.engine.add(embeds, positions, delta, params, self.tokenizer.eos_token_ids)
+            self.model, config, ids, image, video, msg.image_grid_thw, msg.video_grid_thw, msg.second_per_grid_ts)
+        seq = self.engine.add(embeds, positions, delta, msg.sampling, self.tokenizer.eos_token_ids)
         stream.first_token_at = time.perf_counter()
         stream.timings["prefill_s"] = stream.first_token_at - stream.started
         return seq, stream
 
     def publish(self, seqs: list[Sequence]) -> None:
-        """One tokens message for the sequences' new tokens, then a finish message for each that ended."""
+        """One Tokens message for the sequences' new tokens, then a Finish (or Error) message for each that ended."""
         entries, ended = [], []
         for seq in seqs:
-            stream = self.streams[id(seq)]
+            stream = self.streams.pop(id(seq)) if seq.error is not None else self.streams[id(seq)]
+            if seq.error is not None:
+                self.fail(stream.id, seq.error)
+                continue
             delta, stopped = stream.advance(self.tokenizer, seq.tokens, seq.finish_reason is not None)
             if stopped:
                 seq.finish_reason = "stop"  # the engine frees the row before its next step
-            entries.append([stream.id, [seq.tokens[-1]], delta])
+            entries.append(TokenEntry(stream.id, [seq.tokens[-1]], delta))
             if seq.finish_reason is not None:
                 del self.streams[id(seq)]
                 ended.append((stream, seq.finish_reason, len(seq.tokens)))
         if entries:
-            self.send(Message("tokens", "", {"requests": entries}))
+            self.send(Tokens(entries))
         for args in ended:
             self.finish(*args)
 
     def cancel(self, rid: str) -> None:
-        """Drops a request the front end no longer wants, queued or decoding, and acknowledges with a finish message."""
+        """Drops a request the front end no longer wants, queued or decoding, and acknowledges with a Finish."""
         for i, (msg, _) in enumerate(self.pending):
             if msg.id == rid:
                 del self.pending[i]
-                return self.finish(Stream(rid, len(msg.fields["prompt_ids"]), {}), "cancelled", 0)
+                return self.finish(Stream(rid, len(msg.prompt_ids), {}), "cancelled", 0)
         for seq in self.engine.active:
             stream = self.streams.get(id(seq))
             if stream is not None and stream.id == rid:
@@ -161,9 +188,7 @@ class LLMWorker:
         decode_s = time.perf_counter() - stream.first_token_at
         timings = {k: v for k, v in stream.timings.items() if k != "sent_at"}
         timings["decode_tokens_per_s"] = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
-        self.send(Message("finish", stream.id, {
-            "finish_reason": reason, "prompt_tokens": stream.prompt_tokens, "completion_tokens": n, "timings": timings,
-        }))
+        self.send(Finish(stream.id, reason, stream.prompt_tokens, n, timings))
 
     def fail(self, rid: str | None, error: Exception) -> None:
         print(f"llm worker: request {rid}: {error}", file=sys.stderr)
@@ -171,4 +196,4 @@ class LLMWorker:
             self.send(error_message(rid, error))
 
     def send(self, msg: Message) -> None:
-        self.results.send_multipart(msg.encode())
+        self.results.send_multipart(encode(msg))

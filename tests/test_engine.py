@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from llm_worker.engine import Engine, SamplingParams, sample
+from common.messages import SamplingParams
+from llm_worker.engine import Engine, sample
 
 VOCAB = 50
 

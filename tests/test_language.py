@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from common.config import load_config
-from llm_worker.engine import Engine, SamplingParams
+from common.messages import SamplingParams
+from llm_worker.engine import Engine
 from llm_worker.inputs import prefill_inputs
 from llm_worker.model import LanguageModel
 from llm_worker.rope import rope_index

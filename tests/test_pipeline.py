@@ -9,7 +9,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -18,8 +17,12 @@ import torch
 import zmq
 from PIL import Image
 
-from frontend.client import Frontend, per_request, read_recording
-from common.protocol import Message, ProtocolError, decode
+from common.messages import Cancel, Finish, Ping, SamplingParams, TokenEntry, Tokens
+from common.options import Options
+from common.protocol import VERSION, ProtocolError, decode, encode
+from frontend.pipeline import Pipeline, collect
+from frontend.prompt import Prompter, user_message
+from frontend.recording import read_recording
 from visual_worker.preprocess import PreprocessConfig, preprocess_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,30 +65,24 @@ def reference_tokens(reference, model_dir, prompt, images=(), video=None, fps=2.
     return out[0, input_ids.shape[1]:].tolist()
 
 
-def request(prompt, images=(), video=None, fps=2.0, max_new_tokens=10) -> Message:
-    content = [{"type": "image"} for _ in images]
-    tensors = [({"name": "image"}, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in images]
-    if video is not None:
-        content.append({"type": "video", "fps": fps})
-        tensors.append(({"name": "video"}, torch.from_numpy(video)))
-    fields = {"messages": [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}],
-              "sampling": {"max_new_tokens": max_new_tokens}}
-    return Message("request", uuid.uuid4().hex, fields, tensors)
+def request(prompt, images=(), video=None, fps=2.0, max_new_tokens=10):
+    """(messages, sampling) for the one request builder, Prompter.request."""
+    return user_message(prompt, images, video, fps), SamplingParams(max_new_tokens=max_new_tokens)
 
 
 def running_pipeline(model: Path, chunk_width: int):
-    """Both workers as real processes, float32; yields ask(request message) → the collected result."""
-    front = Frontend("ipc")
-    args = SimpleNamespace(model=model, dtype="float32", visual_device="cpu", llm_device="cpu", chunk_width=chunk_width)
-    front.start_workers(args, visual=True)
-    front.wait_ready({"visual", "llm"})
+    """Both workers as real processes, float32; yields ask(request) → the collected result."""
+    pipeline = Pipeline(Options(model=model, dtype="float32", chunk_width=chunk_width))
+    pipeline.start()
+    pipeline.wait_ready()
+    prompter = Prompter(model, pipeline.context_len)
 
-    def ask(msg: Message) -> dict:
-        front.requests.send_multipart(msg.encode())
-        return front.collect(msg.id, io.StringIO())
+    def ask(req) -> dict:
+        return collect(pipeline, prompter.request(*req))
 
+    ask.pipeline = pipeline
     yield ask
-    front.close()
+    pipeline.close()
 
 
 @pytest.fixture(scope="module")
@@ -165,31 +162,46 @@ def test_replay_reproduces_the_recorded_run(tiny_model, recording):
 @pytest.fixture
 def llm_alone(tiny_model):
     """An LLM worker fed by a PUB socket of the test's own, as `launch.py replay` does."""
-    front = Frontend("ipc")
+    pipeline = Pipeline(Options(model=tiny_model, dtype="float32"))
     pub = zmq.Context.instance().socket(zmq.PUB)
-    pub.bind(front.endpoints["embeds"])
-    front.start_workers(SimpleNamespace(model=tiny_model, dtype="float32", llm_device="cpu"), visual=False)
-    while (msg := front.receive(timeout_s=0.2)) is None or msg.type != "ready":
-        pub.send_multipart(Message("ping", "", {}).encode())
+    pub.bind(pipeline.endpoints.embeds)
+    pipeline.start(("llm",))
+    pipeline.wait_ready(("llm",), idle=lambda: pub.send_multipart(encode(Ping())))
 
     def send(frames) -> dict:
-        pub.send_multipart(frames)
-        return front.collect(decode(frames).id, io.StringIO())
+        return collect(pipeline, decode(frames), send=lambda _: pub.send_multipart(frames))
 
-    send.front, send.pub = front, pub  # for tests that interleave their own messages
+    send.pipeline, send.pub = pipeline, pub  # for tests that interleave their own messages
     yield send
-    front.close()
+    pipeline.close()
+
+
+def header_of(frames: list[bytes]) -> dict:
+    """An embeds message's header as plain msgpack data, to tamper with."""
+    import msgspec
+
+    return msgspec.msgpack.decode(frames[0])[1]
+
+
+def reframed(header: dict, frames: list[bytes], data: dict[int, bytes] | None = None) -> list[bytes]:
+    """The header (under a new id) with each chunk's tensor in a frame of its own, in the header's chunk order;
+    `data` replaces the bytes of the chunk at that list position."""
+    import msgspec
+
+    header = {**header, "id": uuid.uuid4().hex, "chunks": [list(c) for c in header["chunks"]]}
+    out = []
+    for i, chunk in enumerate(header["chunks"]):
+        tensor = list(chunk[2])
+        out.append((data or {}).get(i, frames[tensor[3]]))
+        chunk[2] = [*tensor[:3], len(out)]
+    return [msgspec.msgpack.encode([VERSION, header]), *out]
 
 
 def tampered(frames: list[bytes], reorder) -> list[bytes]:
-    """The recorded embeds message with its chunk frames (and their descriptors) rearranged, under a new id."""
-    import msgpack
-
-    header = msgpack.unpackb(frames[0])
-    order = reorder(list(range(len(frames) - 1)))
-    header["tensors"] = [header["tensors"][i] for i in order]
-    header["id"] = uuid.uuid4().hex
-    return [msgpack.packb(header)] + [frames[1 + i] for i in order]
+    """The recorded embeds message with its chunks rearranged, under a new id."""
+    header = header_of(frames)
+    return reframed({**header, "chunks": [header["chunks"][i] for i in reorder(list(range(len(header["chunks"]))))]},
+                    frames)
 
 
 def test_chunks_out_of_order_are_reassembled(llm_alone, recording):
@@ -212,39 +224,36 @@ def test_a_duplicate_or_missing_chunk_fails_that_request_and_the_next_succeeds(l
 
 
 def test_a_mis_sized_or_mis_typed_chunk_fails_that_request(llm_alone, recording):
-    import msgpack
-
     path, _ = recording
     frames = read_recording(str(path))[0]
-    header = msgpack.unpackb(frames[0])
-    rows, width = header["tensors"][1]["shape"]
-    short = dict(header, id=uuid.uuid4().hex)
-    short["tensors"] = [*header["tensors"][:1], {**header["tensors"][1], "shape": [rows, width - 1]}, *header["tensors"][2:]]
-    cut = frames[2][: rows * (width - 1) * 4]
+    header = header_of(frames)
+    kind, index, (_, dtype, (rows, width), frame) = header["chunks"][1]
+    short = {**header, "chunks": [*header["chunks"][:1], [kind, index, ["tensor", dtype, [rows, width - 1], frame]],
+                                  *header["chunks"][2:]]}
+    cut = frames[frame][: rows * (width - 1) * 4]
     with pytest.raises(RuntimeError, match=rf"chunk 1 has shape \[{rows}, {width - 1}\], expected \[{rows}, {width}\]"):
-        llm_alone([msgpack.packb(short), frames[1], cut, *frames[3:]])
-    typed = dict(header, id=uuid.uuid4().hex)
-    typed["tensors"] = [*header["tensors"][:1], {**header["tensors"][1], "dtype": "bfloat16"}, *header["tensors"][2:]]
-    as_bf16 = torch.frombuffer(bytearray(frames[2]), dtype=torch.float32).to(torch.bfloat16).view(torch.uint8)
+        llm_alone(reframed(short, frames, {1: cut}))
+    typed = {**header, "chunks": [*header["chunks"][:1], [kind, index, ["tensor", "bfloat16", [rows, width], frame]],
+                                  *header["chunks"][2:]]}
+    as_bf16 = torch.frombuffer(bytearray(frames[frame]), dtype=torch.float32).to(torch.bfloat16).view(torch.uint8)
     with pytest.raises(RuntimeError, match="chunk 1 is bfloat16, expected float32"):
-        llm_alone([msgpack.packb(typed), frames[1], as_bf16.numpy().tobytes(), *frames[3:]])
+        llm_alone(reframed(typed, frames, {1: as_bf16.numpy().tobytes()}))
 
 
 def test_a_cancel_stops_a_decoding_request_frees_its_row_and_is_acknowledged(llm_alone, recording):
-    import msgpack
-
     path, original = recording
     frames = read_recording(str(path))[0]
-    header = msgpack.unpackb(frames[0])
-    header["fields"]["sampling"].update(max_new_tokens=100_000, ignore_eos=True)
-    endless = [msgpack.packb(header), *frames[1:]]
-    front, pub = llm_alone.front, llm_alone.pub
+    header = header_of(frames)
+    endless = reframed({**header, "sampling": {**header["sampling"], "max_new_tokens": 100_000, "ignore_eos": True}},
+                       frames)
+    rid = decode(endless).id
+    pipeline, pub = llm_alone.pipeline, llm_alone.pub
     pub.send_multipart(endless)
-    while (msg := front.receive(timeout_s=60)).id != header["id"]:
+    while (event := pipeline.receive(timeout_s=60)[0]).id != rid:
         pass
-    assert msg.type == "token"  # decoding is under way
-    pub.send_multipart(Message("cancel", header["id"], {}).encode())
-    result = front.collect(header["id"], io.StringIO())
+    assert isinstance(event, TokenEntry)  # decoding is under way
+    pub.send_multipart(encode(Cancel(rid)))
+    result = collect(pipeline, decode(endless), send=lambda _: None)
     assert result["finish_reason"] == "cancelled" and 1 <= result["completion_tokens"] < 1000
     assert llm_alone(tampered(frames, lambda idx: idx))["token_ids"] == original["token_ids"]
 
@@ -258,12 +267,12 @@ def test_requests_decoded_together_share_one_tokens_message_a_step(llm_alone, re
     llm_alone.pub.send_multipart(second)
     together, finished = 0, set()
     while len(finished) < 2:
-        batch = llm_alone.front.receive_batch(timeout_s=60)
-        assert batch is not None and all(m.type in ("token", "finish") for m in batch), batch
-        together += {m.id for m in batch if m.type == "token"} == set(tokens)
+        batch = llm_alone.pipeline.receive(timeout_s=60)
+        assert batch is not None and all(isinstance(m, (TokenEntry, Finish)) for m in batch), batch
+        together += {m.id for m in batch if isinstance(m, TokenEntry)} == set(tokens)
         for m in batch:
-            if m.type == "token":
-                tokens[m.id] += m.fields["token_ids"]
+            if isinstance(m, TokenEntry):
+                tokens[m.id] += m.token_ids
             else:
                 finished.add(m.id)
     assert together >= len(original["token_ids"]) // 2  # most steps carried both requests
@@ -271,11 +280,13 @@ def test_requests_decoded_together_share_one_tokens_message_a_step(llm_alone, re
 
 
 def test_a_malformed_tokens_entry_is_a_protocol_error():
-    good = Message("tokens", "", {"requests": [["a", [1], "x"], ["b", [2], ""]]})
-    assert [(m.type, m.id, m.fields) for m in per_request(good)] == [
-        ("token", "a", {"token_ids": [1], "text": "x"}), ("token", "b", {"token_ids": [2], "text": ""})]
-    with pytest.raises(ProtocolError, match="an entry must be"):
-        per_request(Message("tokens", "", {"requests": [["a", 1, "x"]]}))
+    import msgspec
+
+    good = Tokens([TokenEntry("a", [1], "x"), TokenEntry("b", [2], "")])
+    assert decode(encode(good)).requests == good.requests
+    bad = msgspec.msgpack.encode([3, {"type": "tokens", "requests": [["a", 1, "x"]]}])
+    with pytest.raises(ProtocolError, match=r"Expected `array`, got `int` - at `\$.requests\[0\]\[1\]`"):
+        decode([bad])
 
 
 def test_killing_the_llm_worker_mid_request_is_reported_and_leaves_no_process(tiny_model, image_file):

@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,7 +47,8 @@ def start_server(model: Path):
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "launch.py", "serve", "--model", str(model), "--served-model-name", MODEL, "--dtype", "float32",
-         "--port", str(port), "--max-batch", "4", "--chunk-width", "24"], cwd=ROOT)
+         "--port", str(port), "--max-batch", "4", "--chunk-width", "24",
+         "--allowed-local-media-path", tempfile.gettempdir()], cwd=ROOT)  # the tests' video frame folders
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:

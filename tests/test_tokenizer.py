@@ -5,6 +5,7 @@ import json
 import pytest
 
 from common.tokenizer import IMAGE_PAD, VIDEO_PAD, Tokenizer
+from llm_worker.inputs import expand_vision_pads
 
 IMAGE_PAD_ID, VIDEO_PAD_ID = 151655, 151656
 
@@ -119,25 +120,25 @@ def test_chat_template_from_transformers5_save_pretrained(tmp_path, tok, hf_tok)
     )
 
 
-def test_expand_vision_pads_hand_worked(tok):
+def test_expand_vision_pads_hand_worked():
     # grid (t=1, h=4, w=6) patches, 2x2 merge: 1*4*6/4 = 6 tokens; video (2, 4, 4): 2*4*4/4 = 8 tokens
     ids = [1, IMAGE_PAD_ID, 2, VIDEO_PAD_ID, 3, IMAGE_PAD_ID]
-    out = tok.expand_vision_pads(ids, image_grid_thw=[(1, 4, 6), (1, 2, 2)], video_grid_thw=[(2, 4, 4)])
+    out = expand_vision_pads(ids, [(1, 4, 6), (1, 2, 2)], [(2, 4, 4)], IMAGE_PAD_ID, VIDEO_PAD_ID)
     assert out == [1] + [IMAGE_PAD_ID] * 6 + [2] + [VIDEO_PAD_ID] * 8 + [3] + [IMAGE_PAD_ID] * 1
 
 
-def test_expand_vision_pads_accepts_grid_tensor(tok):
+def test_expand_vision_pads_accepts_grid_tensor():
     import torch
 
-    out = tok.expand_vision_pads([IMAGE_PAD_ID], torch.tensor([[1, 4, 6]]), None)
+    out = expand_vision_pads([IMAGE_PAD_ID], torch.tensor([[1, 4, 6]]), None, IMAGE_PAD_ID, VIDEO_PAD_ID)
     assert out == [IMAGE_PAD_ID] * 6
 
 
-def test_expand_vision_pads_count_mismatch_names_both_counts(tok):
+def test_expand_vision_pads_count_mismatch_names_both_counts():
     with pytest.raises(ValueError, match=r"2 <\|image_pad\|> tokens in the prompt but 1 grids"):
-        tok.expand_vision_pads([IMAGE_PAD_ID, IMAGE_PAD_ID], [(1, 4, 6)], None)
+        expand_vision_pads([IMAGE_PAD_ID, IMAGE_PAD_ID], [(1, 4, 6)], None, IMAGE_PAD_ID, VIDEO_PAD_ID)
     with pytest.raises(ValueError, match=r"0 <\|video_pad\|> tokens in the prompt but 1 grids"):
-        tok.expand_vision_pads([1, 2], None, [(2, 4, 4)])
+        expand_vision_pads([1, 2], None, [(2, 4, 4)], IMAGE_PAD_ID, VIDEO_PAD_ID)
 
 
 @pytest.fixture

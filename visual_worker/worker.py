@@ -1,6 +1,8 @@
-"""The visual worker process: takes requests, builds the prompt ids, preprocesses pixels, runs the ViT and
-publishes the embeddings in hidden-dimension chunks for the LLM worker."""
+"""The visual worker process: takes requests (prompt ids with one pad per media item, encoded images, video frames),
+preprocesses the pixels, refuses a request whose expanded prompt would not fit the LLM's context before the ViT runs,
+runs the ViT and publishes the embeddings, in hidden-dimension chunks, with the grids for the LLM worker."""
 
+import io
 import os
 import sys
 import time
@@ -8,35 +10,42 @@ import time
 import numpy as np
 import torch
 import zmq
+from PIL import Image as PILImage
 
 from common.config import load_config
-from common.protocol import Message, ProtocolError, chunk_descriptors, decode, error_message
-from common.tokenizer import Tokenizer
+from common.messages import Cancel, Embeds, Image, Ping, Ready, Request, Video
+from common.options import Options
+from common.protocol import DTYPE_NAMES, ProtocolError, decode, encode, error_message, hidden_chunks
+from common.runtime import Heartbeats, resolve_dtype
 from visual_worker.preprocess import PreprocessConfig, load_image, preprocess_images, preprocess_video
 from visual_worker.vision import VisionTransformer
 
 PING_SECONDS = 0.2  # idle heartbeat on the embeds socket; the LLM worker reports ready once it has heard one
+MAX_REQUEST_BYTES = 2**30  # a larger message on the requests socket is dropped by ZeroMQ before it is read
 
 
-def _media_parts(messages: list) -> list[dict]:
-    parts = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), (str, list)):
-            raise ValueError("each message needs a role and a content that is a string or a list of parts")
-        if isinstance(m["content"], list):
-            parts += [p for p in m["content"] if isinstance(p, dict) and p.get("type") in ("image", "video")]
-    return parts
+def open_image(data: bytes, max_pixels: int) -> PILImage.Image:
+    """Decodes an encoded image, refusing one over max_pixels from its header alone (decompression bombs)."""
+    try:
+        with PILImage.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... on what is not an image
+        raise ValueError(f"cannot decode image ({len(data)} bytes): not an image format this server reads") from None
+    if width * height > max_pixels:
+        raise ValueError(f"image of {width}x{height} pixels is over the {max_pixels} pixels this server opens")
+    return load_image(data)
 
 
 class VisualWorker:
-    def __init__(self, model_dir, device, dtype, requests: str, embeds: str, results: str, chunk_width: int):
-        self.config = load_config(model_dir)
-        self.tokenizer = Tokenizer.from_dir(model_dir)
-        self.preprocess = PreprocessConfig.from_dir(model_dir)
-        self.vit = VisionTransformer.from_pretrained(model_dir, dtype, device)
-        self.chunk_width = chunk_width
+    def __init__(self, options: Options, device: str, requests: str, embeds: str, results: str):
+        self.heartbeats = Heartbeats("visual", results)  # from the start: a stopped load shows as silence
+        self.config = load_config(options.model)
+        self.preprocess = PreprocessConfig.from_dir(options.model)
+        self.vit = VisionTransformer.from_pretrained(options.model, resolve_dtype(options.model, options.dtype), device)
+        self.chunk_width, self.max_image_pixels = options.chunk_width, options.max_image_pixels
         ctx = zmq.Context.instance()
         self.requests = ctx.socket(zmq.PULL)
+        self.requests.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         self.requests.connect(requests)
         self.embeds = ctx.socket(zmq.PUB)
         self.embeds.bind(embeds)
@@ -45,72 +54,71 @@ class VisualWorker:
 
     def run(self) -> None:
         parent = os.getppid()
-        self.results.send_multipart(Message("ready", "visual", {"worker": "visual"}).encode())
+        self.results.send_multipart(encode(Ready("visual")))
         while os.getppid() == parent:
             if self.requests.poll(PING_SECONDS * 1000):
                 self.handle(self.requests.recv_multipart(copy=False))
             else:
-                self.embeds.send_multipart(Message("ping", "", {}).encode())
+                self.embeds.send_multipart(encode(Ping()))
 
     def handle(self, frames) -> None:
         rid = None
+        self.heartbeats.busy()
         try:
             msg = decode(frames)
-            rid = msg.id
-            if msg.type == "cancel":  # for the LLM worker; it follows the request it names on the embeds queue
-                self.embeds.send_multipart(msg.encode())
-            elif msg.type == "request":
-                self.embeds.send_multipart(self.process(msg).encode(), copy=False)
+            rid = getattr(msg, "id", None)
+            if isinstance(msg, Cancel):  # for the LLM worker; it follows the request it names on the embeds queue
+                self.embeds.send_multipart(encode(msg))
+            elif isinstance(msg, Request):
+                self.embeds.send_multipart(encode(self.embed(msg)), copy=False)
             else:
-                raise ProtocolError(f"the visual worker takes request and cancel messages, got {msg.type}", rid)
+                raise ProtocolError(f"the visual worker takes request and cancel messages, got {type(msg).__name__}")
         except Exception as e:  # this request fails alone; the worker goes on
             rid = rid or getattr(e, "request_id", None)
             print(f"visual worker: request {rid}: {e}", file=sys.stderr)
             if rid is not None:
-                self.results.send_multipart(error_message(rid, e).encode())
+                self.results.send_multipart(encode(error_message(rid, e)))
+        finally:
+            self.heartbeats.idle()
 
-    def process(self, msg: Message) -> Message:
-        f = msg.fields
+    def embed(self, req: Request) -> Embeds:
         t0 = time.perf_counter()
-        images = [t for d, t in msg.tensors if d.get("name") == "image"]
-        videos = [t for d, t in msg.tensors if d.get("name") == "video"]
-        parts = _media_parts(f["messages"])
-        n_img, n_vid = sum(p["type"] == "image" for p in parts), sum(p["type"] == "video" for p in parts)
-        if (n_img, n_vid) != (len(images), len(videos)):
-            raise ValueError(f"messages name {n_img} images and {n_vid} videos, {len(images)} and {len(videos)} arrived")
-        limits = dict(min_pixels=f.get("min_pixels"), max_pixels=f.get("max_pixels"))
+        limits = dict(min_pixels=req.pixels.min_pixels, max_pixels=req.pixels.max_pixels)
         decoded = []
-        for i, data in enumerate(images):
+        for i, item in enumerate(m for m in req.media if isinstance(m, Image)):
             try:
-                decoded.append(load_image(data.numpy().tobytes()))
+                decoded.append(open_image(bytes(item.data), self.max_image_pixels))
             except ValueError as e:
                 raise ValueError(f"image {i + 1}: {e}") from None
         image_pixels, image_grid = preprocess_images(decoded, self.preprocess, **limits) if decoded else (None, [])
         video_pixels, video_grid, seconds = [], [], []
-        fps = [p.get("fps") for p in parts if p["type"] == "video"]
-        for frames, rate in zip(videos, fps):
-            if not isinstance(rate, (int, float)) or rate <= 0:
-                raise ValueError(f"a video needs a positive fps, got {rate!r}")
-            pixels, grid, sec = preprocess_video(list(frames.numpy()), rate, self.preprocess, **limits)
+        for video in (m for m in req.media if isinstance(m, Video)):
+            if video.frames.dtype != torch.uint8 or video.frames.ndim != 4 or video.frames.shape[-1] != 3:
+                raise ValueError(f"video frames must be uint8 (T, H, W, 3), got {DTYPE_NAMES[video.frames.dtype]}"
+                                 f"{list(video.frames.shape)}")
+            pixels, grid, sec = preprocess_video(list(video.frames.numpy()), video.fps, self.preprocess, **limits)
             video_pixels.append(pixels)
             video_grid += np.asarray(grid).tolist()
             seconds.append(sec)
         image_grid = np.asarray(image_grid).reshape(-1, 3).tolist()
-        text = self.tokenizer.apply_chat_template(f["messages"], add_generation_prompt=True)
-        ids = self.tokenizer.expand_vision_pads(self.tokenizer.encode(text), image_grid, video_grid,
-                                                self.config.vision.spatial_merge_size)
+        merge = self.config.vision.spatial_merge_size ** 2
+        visual = sum(t * h * w for t, h, w in image_grid + video_grid) // merge
+        length = len(req.prompt_ids) - len(req.media) + visual
+        if length > req.max_prompt_tokens:
+            raise ValueError(f"the prompt is {length} tokens with its images and videos ({visual} visual tokens), over "
+                             f"the {req.max_prompt_tokens} this model's context leaves for it: send fewer or smaller "
+                             "images, or a lower max_pixels")
         t1 = time.perf_counter()
-        tensors = []
+        chunks = []
         if image_grid:
-            tensors += chunk_descriptors("image", self.vit.embed(torch.from_numpy(image_pixels), image_grid), self.chunk_width)
+            chunks += hidden_chunks("image", self.vit.embed(torch.from_numpy(image_pixels), image_grid), self.chunk_width)
         if video_grid:
             pixels = torch.from_numpy(np.concatenate(video_pixels))
-            tensors += chunk_descriptors("video", self.vit.embed(pixels, video_grid), self.chunk_width)
+            chunks += hidden_chunks("video", self.vit.embed(pixels, video_grid), self.chunk_width)
         t2 = time.perf_counter()
-        fields = {
-            "prompt_ids": ids, "image_grid_thw": image_grid, "video_grid_thw": video_grid,
-            "second_per_grid_ts": seconds, "sampling": f["sampling"], "hidden": self.config.vision.out_hidden_size,
-            "chunk_width": self.chunk_width, "dtype": str(self.vit.patch_embed.proj.weight.dtype).removeprefix("torch."),
-            "timings": {"preprocess_s": t1 - t0, "vit_s": t2 - t1, "sent_at": time.time()},
-        }
-        return Message("embeds", msg.id, fields, tensors)
+        return Embeds(
+            req.id, req.prompt_ids, [tuple(g) for g in image_grid], [tuple(g) for g in video_grid], seconds,
+            req.sampling, self.config.vision.out_hidden_size, self.chunk_width,
+            DTYPE_NAMES[self.vit.patch_embed.proj.weight.dtype], chunks,
+            {"preprocess_s": t1 - t0, "vit_s": t2 - t1, "sent_at": time.time()},
+        )

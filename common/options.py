@@ -1,0 +1,61 @@
+"""The options every entry point shares (launch.py and its subcommands, `python -m visual_worker`, `python -m
+llm_worker`), declared once: each field of `Options` is one command-line flag, parsed the same way everywhere and
+passed on to worker processes by `Options.argv`."""
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from common.config import DTYPES
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "examples" / "model"
+
+
+@dataclass(frozen=True)
+class Options:
+    model: Path = field(default=DEFAULT_MODEL, metadata={
+        "help": "checkpoint directory in Hugging Face layout (default: the embedded demo model)", "type": Path})
+    dtype: str | None = field(default=None, metadata={
+        "help": "float32, bfloat16 or float16 (default: the checkpoint's own)", "choices": sorted(DTYPES)})
+    visual_device: str = field(default="cpu", metadata={"help": "the visual worker's device: cpu or cuda:N"})
+    llm_device: str = field(default="cpu", metadata={"help": "the LLM worker's device: cpu or cuda:N"})
+    chunk_width: int = field(default=640, metadata={
+        "help": "image_embeds travel split along the hidden dimension into chunks this wide", "type": int})
+    max_batch: int = field(default=8, metadata={"help": "requests the LLM worker decodes together", "type": int})
+    max_model_len: int = field(default=4096, metadata={
+        "help": "tokens per request, prompt and output together (the KV cache holds max-batch of them)", "type": int})
+    max_image_pixels: int = field(default=64 * 2**20, metadata={
+        "help": "largest image, in decoded pixels, the visual worker opens (bigger ones are refused unread)",
+        "type": int})
+    transport: str = field(default="ipc", metadata={
+        "help": "sockets between the processes: ipc (a private folder) or tcp (127.0.0.1)", "choices": ["ipc", "tcp"]})
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+        """Adds the flags of the named fields (default: all) to the parser."""
+        for f in fields(cls):
+            if names is None or f.name in names:
+                parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Options":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def argv(self, names: tuple[str, ...]) -> list[str]:
+        """The named fields as flags for a worker's command line (unset ones left out)."""
+        values = asdict(self)
+        out = []
+        for name in names:
+            if values[name] is not None:
+                out += ["--" + name.replace("_", "-"), str(values[name])]
+        return out
+
+    def check(self) -> None:
+        """Values argparse cannot check on its own; a ValueError says which flag is wrong."""
+        for name in ("chunk_width", "max_batch", "max_model_len", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels")  # what the visual worker takes of them
+LLM_OPTIONS = ("model", "dtype", "max_batch", "max_model_len")
