@@ -45,6 +45,7 @@ class Pipeline:
         self.workers = Workers(options, self.endpoints)
         self.health = {name: Health(state="down") for name in self.workers.workers}
         self.dropped = 0  # malformed result messages dropped
+        self.checked_at = 0.0  # time.monotonic() of the last check of the workers
 
     def start(self, names: tuple[str, ...] = ("visual", "llm")) -> None:
         for name in names:
@@ -79,12 +80,13 @@ class Pipeline:
         silent or is stuck; a message that breaks the protocol is logged and dropped."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            if time.monotonic() - self.checked_at >= 0.2:  # also while results flow: a busy pipeline gets checked
+                self.checked_at = time.monotonic()
+                self.check()
             if self.results.poll(200):
                 events = self._read(self.results.recv_multipart(copy=False))
                 if events:
                     return events
-            else:
-                self.check()
             if deadline is not None and time.monotonic() > deadline:
                 return None
 

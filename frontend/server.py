@@ -349,7 +349,8 @@ def usage_of(finish: Finish) -> dict:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body past max_bytes (declared or streamed) is answered 413 unread."""
+    """ASGI middleware: reads a request's body first, and answers 413 unread past max_bytes (declared or streamed);
+    the app then gets the body as one message, and the connection's later messages (a disconnect) as they come."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -360,29 +361,26 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self.refuse(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before its body was whole
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self.refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        whole = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self.refuse(scope, receive, send)
+        async def replay():
+            return whole.pop() if whole else await receive()
+
+        await self.app(scope, replay, send)
 
     async def refuse(self, scope, receive, send):
         error = APIError(413, f"the request body is larger than the {self.max_bytes / 2**20:g} MiB allowed")
         await error.response()(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPolicy(),

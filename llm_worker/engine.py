@@ -25,8 +25,8 @@ def argmax_rows(logits: Tensor) -> list[int]:
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from logits (vocab,): temperature, then top-k, then top-p, as transformers orders them.
 
-    In float32, shifted so the largest logit is 0 before dividing by the temperature: every accepted temperature
-    (down to the smallest positive float) gives finite probabilities, the best token's at least exp(0) = 1 before
+    In float32, shifted so the largest logit is 0 before dividing by the temperature (at least float32's smallest
+    normal number): every accepted temperature gives finite probabilities, the best token's at least exp(0) = 1 before
     normalising, so multinomial always has something to draw. Non-finite logits (an overflowing low-precision
     model) are clamped rather than poisoning the draw."""
     if params.temperature == 0:
@@ -34,7 +34,8 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     logits = torch.nan_to_num(logits.float(), nan=float("-inf"))
     if not torch.isfinite(logits.max()):  # all -inf (NaN) or some +inf: argmax is the only sound draw
         return argmax_rows(logits[None])[0]
-    logits = (logits - logits.max()) / params.temperature
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)  # 5e-324 is 0 in float32: 0/0 is NaN
+    logits = (logits - logits.max()) / temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -40,15 +40,15 @@ def image_part(png: bytes) -> dict:
     return {"type": "image_url", "image_url": {"url": data_uri(png)}}
 
 
-def start_server(model: Path):
-    """`launch.py serve` on a free port, float32; → (process, base URL) once /health answers."""
+def start_server(model: Path, *extra: str):
+    """`launch.py serve` on a free port, float32, with `extra` flags; → (process, base URL) once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "launch.py", "serve", "--model", str(model), "--served-model-name", MODEL, "--dtype", "float32",
          "--port", str(port), "--max-batch", "4", "--chunk-width", "24",
-         "--allowed-local-media-path", tempfile.gettempdir()], cwd=ROOT)  # the tests' video frame folders
+         "--allowed-local-media-path", tempfile.gettempdir(), *extra], cwd=ROOT)  # the tests' video frame folders
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
