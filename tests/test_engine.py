@@ -161,3 +161,59 @@ def test_same_seed_same_tokens():
 def test_bad_sampling_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_the_smallest_temperatures_sample_the_best_token_with_finite_probabilities():
+    logits = torch.tensor([0.0, 3.0, 1.0, -2.0])
+    for t in (1e-37, 5e-324, 1e-45):
+        assert sample(logits, SamplingParams(temperature=t), torch.Generator().manual_seed(0)) == 1
+
+
+def test_non_finite_logits_do_not_poison_sampling():
+    generator = torch.Generator().manual_seed(0)
+    assert sample(torch.tensor([0.0, float("inf"), 1.0]), SamplingParams(temperature=1.0), generator) == 1
+    assert sample(torch.tensor([float("nan"), 2.0, 1.0]), SamplingParams(temperature=1.0, top_k=1), generator) == 1
+
+
+def test_a_sequence_whose_sampling_fails_ends_alone_with_its_error(monkeypatch):
+    from llm_worker import engine as engine_module
+
+    real = engine_module.sample
+
+    def flaky(logits, params, generator):
+        if params.seed == 13:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(logits, params, generator)
+
+    engine = Engine(CountingModel(), max_batch=2, max_len=64)
+    prompt = torch.tensor([[1.0], [2.0]])
+    positions = torch.arange(2).expand(3, -1)
+    good = engine.add(prompt, positions, 0, SamplingParams(max_new_tokens=3), [])
+    monkeypatch.setattr(engine_module, "sample", flaky)
+    doomed = engine.add(prompt, positions, 0, SamplingParams(max_new_tokens=3, temperature=0.5, seed=12), [])
+    doomed.params = SamplingParams(max_new_tokens=3, temperature=0.5, seed=13)  # its next sample fails
+    engine.step()
+    assert doomed.finish_reason == "error" and "probability tensor" in str(doomed.error)
+    while good.finish_reason is None:
+        engine.step()
+    assert good.tokens == [4, 10, 23] and engine.active == [good]  # the tokens of test_greedy_follows_the_model
+
+
+def test_a_failed_prefill_sample_takes_no_row(monkeypatch):
+    from llm_worker import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "sample", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    engine = Engine(CountingModel(), max_batch=1, max_len=64)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.add(torch.tensor([[1.0]]), torch.zeros(3, 1, dtype=torch.long), 0, SamplingParams(), [])
+    assert engine.active == []
+    monkeypatch.undo()
+    assert run_alone([1, 2], SamplingParams(max_new_tokens=3)) == [4, 10, 23]
+
+
+def test_abort_all_ends_every_row_with_the_error():
+    engine = Engine(CountingModel(), max_batch=2, max_len=64)
+    seqs = [engine.add(torch.tensor([[1.0]]), torch.zeros(3, 1, dtype=torch.long), 0, SamplingParams(), [])
+            for _ in range(2)]
+    failed = engine.abort_all(RuntimeError("step failed"))
+    assert failed == seqs and engine.active == [] and all(s.finish_reason == "error" for s in seqs)

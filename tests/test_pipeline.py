@@ -159,6 +159,57 @@ def test_replay_reproduces_the_recorded_run(tiny_model, recording):
     assert replayed["token_ids"] == original["token_ids"] and replayed["text"] == original["text"]
 
 
+def recording_variants(path: Path, out: Path) -> dict[str, tuple[Path, str]]:
+    """Broken copies of a recording → (file, what `replay` must say)."""
+    import msgpack
+
+    data = path.read_bytes()
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    header, (frames, crc) = list(unpacker)[:2]
+    variants = {
+        "empty": (b"", "is empty: not a recording"),
+        "not a recording": (b"hello, world", "is not a recording"),
+        "another version": (msgpack.packb({**header, "protocol": 2}) + data[len(msgpack.packb(header)):],
+                            "recorded with protocol version 2"),
+        "truncated": (data[: len(data) - 50], "truncated"),
+        "corrupted": (msgpack.packb(header) + msgpack.packb([[frames[0], frames[1][:-4] + b"\0\0\0\0", *frames[2:]], crc]),
+                      "message 1 is corrupted (checksum mismatch)"),
+        "no messages": (msgpack.packb(header), "holds no messages"),
+    }
+    written = {}
+    for name, (content, message) in variants.items():
+        file = out / f"{name.replace(' ', '_')}.qvl"
+        file.write_bytes(content)
+        written[name] = (file, message)
+    return written
+
+
+@pytest.mark.parametrize("variant", ["empty", "not a recording", "another version", "truncated", "corrupted",
+                                     "no messages"])
+def test_replay_refuses_a_broken_recording_saying_what_is_wrong(tiny_model, recording, tmp_path, variant):
+    file, message = recording_variants(recording[0], tmp_path)[variant]
+    start = time.monotonic()
+    out = run_launch("replay", str(file), "--model", str(tiny_model), "--dtype", "float32", timeout=60)
+    assert out.returncode == 1 and message in out.stderr, out.stderr
+    assert time.monotonic() - start < 30  # refused before any worker starts
+
+
+def test_replay_of_a_recording_holding_a_cancel_ends(tiny_model, recording, tmp_path):
+    import msgpack
+
+    from frontend.recording import _crc
+
+    path, original = recording
+    frames = read_recording(str(path))[0]
+    cancel = encode(Cancel(decode(frames).id))
+    file = tmp_path / "with_cancel.qvl"
+    file.write_bytes(path.read_bytes() + msgpack.packb([cancel, _crc(cancel)]))
+    out = run_launch("replay", str(file), "--model", str(tiny_model), "--dtype", "float32", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["token_ids"] == original["token_ids"]
+
+
 @pytest.fixture
 def llm_alone(tiny_model):
     """An LLM worker fed by a PUB socket of the test's own, as `launch.py replay` does."""
@@ -287,6 +338,38 @@ def test_a_malformed_tokens_entry_is_a_protocol_error():
     bad = msgspec.msgpack.encode([3, {"type": "tokens", "requests": [["a", 1, "x"]]}])
     with pytest.raises(ProtocolError, match=r"Expected `array`, got `int` - at `\$.requests\[0\]\[1\]`"):
         decode([bad])
+
+
+@pytest.mark.parametrize("frames", [
+    [b""], [b"\xc1"], [b"\x92\x03\xc0"], [encode(Ping())[0], b"stray frame"],
+    [b"\x92\x03\x83\xa4type\xa6embeds\xa2id\xa3bad\xaaprompt_ids\xa1x"],  # an embeds message with a bad field
+], ids=["empty frame", "not msgpack", "nil message", "stray frame", "bad field"])
+def test_malformed_embeds_messages_leave_the_llm_worker_serving(llm_alone, recording, frames):
+    _, original = recording
+    llm_alone.pub.send_multipart(frames)
+    good = tampered(read_recording(str(recording[0]))[0], lambda idx: idx)
+    assert llm_alone(good)["token_ids"] == original["token_ids"]
+    llm_alone.pipeline.check()  # alive and heartbeating
+
+
+def test_a_named_but_malformed_embeds_message_fails_its_own_request(llm_alone):
+    import msgspec
+
+    from types import SimpleNamespace
+
+    bad = [msgspec.msgpack.encode([VERSION, {"type": "embeds", "id": "mine", "prompt_ids": "x"}])]
+    with pytest.raises(RuntimeError, match=r"malformed message: Expected `array`, got `str` - at `\$.prompt_ids`"):
+        collect(llm_alone.pipeline, SimpleNamespace(id="mine"), send=lambda _: llm_alone.pub.send_multipart(bad))
+
+
+def test_malformed_requests_leave_the_visual_worker_serving(pipeline, reference, tiny_model):
+    import msgspec
+
+    for frames in ([b"\xc1"], [msgspec.msgpack.encode([VERSION, {"type": "request", "id": "q", "media": 5}])],
+                   encode(Ping())):
+        pipeline.pipeline.requests.send_multipart(frames)
+    case = CASES["small image"]
+    assert pipeline(request(**case))["token_ids"] == reference_tokens(reference, tiny_model, **case)
 
 
 def test_killing_the_llm_worker_mid_request_is_reported_and_leaves_no_process(tiny_model, image_file):
