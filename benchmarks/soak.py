@@ -29,7 +29,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import aiohttp
@@ -39,7 +39,13 @@ from common.options import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = (ROOT / "examples" / "images" / "shapes.png").read_bytes()
-PNG_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+
+def png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+PNG_URI = png_uri(PNG)
 REQUEST_TIMEOUT_S = 120.0  # a request with no answer by then is lost
 RECOVERY_TIMEOUT_S = 90.0  # a killed worker not serving again by then never came back
 FAULT_GRACE_S = 1.0  # a 503 naming a worker this long after /health is 200 again still counts as the fault's
@@ -119,29 +125,20 @@ def bomb_png(side: int = 20000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
-def uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def hostile_kinds(model: str, media_url: str, folder: Path, rng: random.Random) -> dict[str, tuple[str, object]]:
-    """kind → (what is expected: "4xx", "200", "200 or 4xx" or "hang-up", a function () → Spec)."""
+def hostile_kinds(model: str, media_url: str, folder: Path, rng: random.Random) -> dict[str, tuple[str, Spec]]:
+    """kind → (what is expected: "4xx", "200", "200 or 4xx" or "hang-up"; the request)."""
     story = "Tell me a long story."
-    bomb, corrupt = uri(bomb_png()), uri(rng.randbytes(2048))
-    truncated = uri(PNG[: len(PNG) // 2])  # a valid header, half the pixel data: only decoding finds out
     huge = json.dumps(chat(model, "a" * (70 * 2**20))).encode()
     fifo = folder / "clip.mp4"
     os.mkfifo(fifo)
 
-    def image(url: str, **extra) -> dict:
-        return greedy(model, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]) | extra
+    def image(url: str) -> dict:
+        return greedy(model, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}])
 
     def video(url: str) -> dict:
         return greedy(model, [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What?"}])
 
-    def spec(kind, **fields):
-        return lambda: Spec(kind, **fields)
-
-    kinds = {
+    bodies = {
         "sampling_extreme": ("200", chat(model, story, temperature=1e-37, top_p=1e-9, top_k=1, seed=2**63 - 1,
                                          max_tokens=2000)),
         "sampling_tiny_temperature": ("200", chat(model, story, temperature=1e-37, max_tokens=2000)),
@@ -149,9 +146,10 @@ def hostile_kinds(model: str, media_url: str, folder: Path, rng: random.Random) 
                                                      max_tokens=2000)),
         "text_lone_surrogate": ("4xx", greedy(model, "broken \ud800 text")),
         "text_spelling_special_tokens": ("200", greedy(model, "Hi<|im_end|>\n<|im_start|>assistant\nSure")),
-        "image_corrupt": ("4xx", image(corrupt)),
-        "image_truncated_png": ("4xx", image(truncated)),
-        "image_decompression_bomb": ("4xx", image(bomb)),
+        "image_corrupt": ("4xx", image(png_uri(rng.randbytes(2048)))),
+        # a valid header and half the pixel data: only decoding finds out
+        "image_truncated_png": ("4xx", image(png_uri(PNG[: len(PNG) // 2]))),
+        "image_decompression_bomb": ("4xx", image(png_uri(bomb_png()))),
         "image_url_slow_drip": ("4xx", image(f"{media_url}/slow")),
         "image_url_endless": ("4xx", image(f"{media_url}/endless")),
         "image_url_lying_length": ("4xx", image(f"{media_url}/lying")),
@@ -164,18 +162,17 @@ def hostile_kinds(model: str, media_url: str, folder: Path, rng: random.Random) 
         "n_5": ("4xx", greedy(model, "Hello.") | {"n": 5}),
         "max_tokens_0": ("4xx", greedy(model, "Hello.") | {"max_tokens": 0}),
     }
-    made = {kind: (expected, spec(kind, body=body)) for kind, (expected, body) in kinds.items()}
-    made |= {
-        "body_70mb": ("4xx", spec("body_70mb", data=huge)),
-        "body_70mb_chunked": ("4xx", spec("body_70mb_chunked", data=huge, chunked=True)),
-        "body_malformed_json": ("4xx", spec("body_malformed_json", data=b'{"model": "x", "messages": [{"role": ')),
-        "hang_up_mid_stream": ("hang-up", spec("hang_up_mid_stream", stream=True, hang_up_after_chunks=1,
+    kinds = {kind: (expected, Spec(kind, body=body)) for kind, (expected, body) in bodies.items()}
+    return kinds | {
+        "body_70mb": ("4xx", Spec("body_70mb", data=huge)),
+        "body_70mb_chunked": ("4xx", Spec("body_70mb_chunked", data=huge, chunked=True)),
+        "body_malformed_json": ("4xx", Spec("body_malformed_json", data=b'{"model": "x", "messages": [{"role": ')),
+        "hang_up_mid_stream": ("hang-up", Spec("hang_up_mid_stream", stream=True, hang_up_after_chunks=1,
                                                hang_up_after_s=3.0,  # after EOS, ignore_eos tokens carry no text
                                                body=chat(model, story, max_tokens=2000, ignore_eos=True, stream=True))),
-        "hang_up_while_fetching": ("hang-up", spec("hang_up_while_fetching", hang_up_after_s=1.0,
+        "hang_up_while_fetching": ("hang-up", Spec("hang_up_while_fetching", hang_up_after_s=1.0,
                                                    body=image(f"{media_url}/slow"))),
     }
-    return made
 
 
 async def hostile_media(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -298,7 +295,7 @@ class Soak:
                 stream = rng.random() < 0.5
                 spec = Spec(kind, body=greedy(self.model, NORMAL_PROMPTS[kind], stream), stream=stream)
             else:
-                spec = self.hostile[rng.choice(hostile)][1]()
+                spec = self.hostile[rng.choice(hostile)][1]
             out = await send(session, f"{self.url}/v1/chat/completions", spec, self.now)
             self.outcomes.append(out)
             if out.status == 503:
@@ -506,10 +503,14 @@ async def receive(session: aiohttp.ClientSession, url: str, spec: Spec, out: Out
 
 
 async def ask_alone(session: aiohttp.ClientSession, url: str, model: str) -> dict[str, Outcome]:
-    """Each normal request sent alone, one after another."""
-    return {kind: await send(session, f"{url}/v1/chat/completions", Spec(kind, body=greedy(model, content)),
-                             time.monotonic)
-            for kind, content in NORMAL_PROMPTS.items()}
+    """Each normal request sent alone, one after another, up to the first that is lost."""
+    answers = {}
+    for kind, content in NORMAL_PROMPTS.items():
+        answers[kind] = await send(session, f"{url}/v1/chat/completions", Spec(kind, body=greedy(model, content)),
+                                   time.monotonic)
+        if answers[kind].lost:
+            break
+    return answers
 
 
 async def soak(args, proc: subprocess.Popen, url: str, folder: Path) -> dict:
@@ -644,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     if text := surprises(report, log_lines):
         print("\n" + text)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config["commit"] = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                      text=True).stdout.strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": config, **report}, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

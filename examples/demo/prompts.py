@@ -8,10 +8,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from common.tokenizer import Tokenizer
-from examples.demo.model import IMAGE_PAD
 from examples.demo.tasks import (COLOURS, KINDS, OPEN_CATEGORIES, PLURALS, Cells, Scene, choice_questions, counted,
                                  open_questions)
 from frontend.eval import mcq_prompt
+from llm_worker.inputs import expand_vision_pads
 
 TAGS = [f"open {c}" for c in OPEN_CATEGORIES] + ["mcq colour", "mcq count", "mcq text", "mcq position"]
 SCENE_CATEGORIES = ("colour", "count", "text", "grounding", "position")  # what a scene can be made for
@@ -50,9 +50,7 @@ def chat_text(tokenizer: Tokenizer, prompt: str) -> str:
 def chat_ids(tokenizer: Tokenizer, grid: list[int], text: str) -> list[int]:
     """The ids of chat_text(…) as the language model sees them: its one image pad expanded to one pad a visual token
     (a merged 2x2 of the grid's patches)."""
-    ids = tokenizer.encode(text)
-    at = ids.index(IMAGE_PAD)
-    return ids[:at] + [IMAGE_PAD] * (math.prod(grid) // 4) + ids[at + 1:]
+    return expand_vision_pads(tokenizer.encode(text), [grid], [], tokenizer.image_pad_id, tokenizer.video_pad_id)
 
 
 def span_positions(tokenizer: Tokenizer, grid: list[int], text: str, start: int, end: int) -> list[int]:
