@@ -1,9 +1,12 @@
-"""The OpenAI-compatible HTTP server (`launch.py serve`): POST /v1/chat/completions, streamed or not, GET /v1/models
-and GET /health, in front of the visual and LLM worker processes. One thread reads the results socket and hands each
-message to the asyncio queue of the request it names; requests and cancels are sent from the event loop only.
+"""The OpenAI-compatible HTTP server (`launch.py serve`): POST /v1/chat/completions, streamed or not, GET /v1/models,
+GET /health (503 while a worker is not ready) and GET /workers, in front of the visual and LLM worker processes. Media
+are fetched within a MediaPolicy, the prompt is built in a thread of its own, bodies past a limit are refused unread.
+One thread reads the results socket, hands each event to the asyncio queue of the request it names, and restarts a
+worker that died or stopped answering; requests and cancels are sent from the event loop only.
 
 Extensions to OpenAI's request, as vLLM has them: `top_k`, `ignore_eos`; a video part
-`{"type": "video_url", "video_url": {"url": <video file or folder of frames, on this host>, "fps": 2.0}}`.
+`{"type": "video_url", "video_url": {"url": <http(s) or data URL, or a file or frame folder under
+--allowed-local-media-path>, "fps": 2.0}}`.
 """
 
 import asyncio
