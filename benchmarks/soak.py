@@ -7,9 +7,9 @@ be healthy again after each fault, and the peak RSS of the server and its worker
     python -m benchmarks.soak --minutes N [--model DIR] [--out results/soak.json] [--seed S] [--concurrency C]
 
 It starts its own server on a free 127.0.0.1 port (media from its own temp folder, private URLs allowed, a 3 s media
-deadline) and its own hostile media server on 127.0.0.1; it talks to nothing else. Exit status 1 when a request was
-lost (no answer within REQUEST_TIMEOUT_S), a normal request was answered with different text, or a killed worker did
-not come back.
+deadline) and its own hostile media server on 127.0.0.1; it talks to nothing else. After the soak each normal request
+is sent alone once more. Exit status 1 when a request was lost (no answer within REQUEST_TIMEOUT_S), a normal request
+was answered with different text (during the soak or alone after it), or a killed worker did not come back.
 """
 
 import argparse
@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import socket
 import statistics
@@ -282,8 +283,8 @@ class Soak:
                 aiohttp.ClientSession(timeout=timeout) as watcher:
             sampler = asyncio.ensure_future(self.sample_rss())
             faults = asyncio.ensure_future(self.inject_faults(watcher))
-            clients = [self.client(client, random.Random(self.args.seed * 1000 + i)) for i in range(self.args.concurrency)]
-            await asyncio.gather(*clients)
+            await asyncio.gather(*(self.client(client, random.Random(self.args.seed * 1000 + i))
+                                   for i in range(self.args.concurrency)))
             await faults
             sampler.cancel()
 
@@ -319,8 +320,8 @@ class Soak:
                 self.stopped_pids.append(process.pid)
             print(f"soak: {sig.name} the {worker} worker (pid {process.pid}) at {fault.at:.1f} s", file=sys.stderr)
             await self.watch_recovery(watcher, fault)
-            print(f"soak: /health not 200 after {fault.unhealthy_after_s} s, 200 again with a new {worker} worker "
-                  f"(pid {fault.new_pid}) after {fault.healthy_after_s} s", file=sys.stderr)
+            print(f"soak: /health not 200 after {seconds(fault.unhealthy_after_s)} s, 200 again with a new {worker} "
+                  f"worker (pid {fault.new_pid}) after {seconds(fault.healthy_after_s)} s", file=sys.stderr)
             if fault.healthy_after_s is None:
                 self.recovery_failed = True
                 print(f"soak: the {worker} worker did not come back within {RECOVERY_TIMEOUT_S:g} s; no more faults",
@@ -502,12 +503,12 @@ async def receive(session: aiohttp.ClientSession, url: str, spec: Spec, out: Out
             out.lost, out.error = True, "the stream ended without a finish_reason or an error"
 
 
-async def ask_alone(session: aiohttp.ClientSession, url: str, model: str) -> dict[str, Outcome]:
+async def ask_alone(session: aiohttp.ClientSession, url: str, model: str, clock) -> dict[str, Outcome]:
     """Each normal request sent alone, one after another, up to the first that is lost."""
     answers = {}
     for kind, content in NORMAL_PROMPTS.items():
         answers[kind] = await send(session, f"{url}/v1/chat/completions", Spec(kind, body=greedy(model, content)),
-                                   time.monotonic)
+                                   clock)
         if answers[kind].lost:
             break
     return answers
@@ -521,7 +522,7 @@ async def soak(args, proc: subprocess.Popen, url: str, folder: Path) -> dict:
             raise RuntimeError(f"the server did not answer /health with 200 within 300 s (exit code {proc.poll()})")
         async with session.get(f"{url}/v1/models") as r:
             model = (await r.json())["data"][0]["id"]
-        alone = await ask_alone(session, url, model)
+        alone = await ask_alone(session, url, model, time.monotonic)
         if failed := {kind: f"{o.status} {o.error}" for kind, o in alone.items() if o.status != 200 or o.lost}:
             raise RuntimeError(f"the reference requests failed alone, before the soak: {failed}")
         hostile = hostile_kinds(model, media_url, folder, random.Random(args.seed))
@@ -537,13 +538,17 @@ async def soak(args, proc: subprocess.Popen, url: str, folder: Path) -> dict:
             except psutil.NoSuchProcess:
                 pass
         report["healthy_after_soak"] = await wait_healthy(proc, url, session, RECOVERY_TIMEOUT_S)
-        after = await ask_alone(session, url, model)
+        after = await ask_alone(session, url, model, run.now)
         report["after_soak"] = {kind: {**asdict(o), "identical": o.status == 200 and not o.lost
                                        and o.text == run.references[kind]} for kind, o in after.items()}
         report["after_soak_identical"] = all(a["identical"] for a in report["after_soak"].values())
         async with session.get(f"{url}/workers") as r:
             report["workers_at_end"] = await r.json()
     return report
+
+
+def seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f}"
 
 
 def table(report: dict) -> str:
@@ -557,7 +562,8 @@ def table(report: dict) -> str:
             ("outcomes other than expected", report["unexpected_outcomes"]),
             ("worker faults", len(report["faults"])),
             ("peak RSS, server + workers (MiB)", f"{report['peak_rss_mib']:.0f}"),
-            ("peak RSS by process (MiB)", ", ".join(f"{k} {v:.0f}" for k, v in report["peak_rss_mib_by_process"].items())),
+            ("peak RSS by process (MiB)",
+             ", ".join(f"{k} {v:.0f}" for k, v in report["peak_rss_mib_by_process"].items())),
             ("normal requests alone after the soak", "identical" if report["after_soak_identical"] else "NOT identical")]
     lines = ["| soak | |", "|---|---:|", *(f"| {label} | {value} |" for label, value in rows), ""]
     columns = ("right", "wrong", "200", "4xx", "503 fault", "other 5xx", "lost", "hung up", "unexpected")
@@ -570,8 +576,6 @@ def table(report: dict) -> str:
     lines += ["", "| fault | at (s) | worker | signal | pid | /health not 200 after (s) | 200 again after (s) | new pid |",
               "|---:|---:|---|---|---:|---:|---:|---:|"]
     for i, f in enumerate(report["faults"], 1):
-        def seconds(v):
-            return "never" if v is None else f"{v:.1f}"
         lines.append(f"| {i} | {f['at']:.1f} | {f['worker']} | {f['signal']} | {f['pid']} | "
                      f"{seconds(f['unhealthy_after_s'])} | {seconds(f['healthy_after_s'])} | {f['new_pid'] or '-'} |")
     return "\n".join(lines)
@@ -599,7 +603,7 @@ def surprises(report: dict, log_lines: list[str]) -> str:
                       ("workers_outliving_server", "workers still alive after the server exited")):
         if report[key]:
             lines.append(f"- {what}: pids {report[key]}")
-    counted = Counter(line for line in log_lines if line.strip())
+    counted = Counter(re.sub(r"\b[0-9a-f]{32}\b", "<id>", line) for line in log_lines if line.strip())
     if counted:
         lines += ["", "server output (count × line):", *(f"  {n} × {line}" for line, n in counted.most_common(40))]
     return "\n".join(lines)
@@ -629,17 +633,17 @@ def main(argv: list[str] | None = None) -> int:
                                                                      .splitlines()[-40:]), file=sys.stderr)
                 raise
             finally:
-                workers = [w.pid for w in worker_processes(psutil.Process(proc.pid)).values()] if proc.poll() is None else []
+                workers = list(worker_processes(psutil.Process(proc.pid)).values()) if proc.poll() is None else []
                 proc.terminate()
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
         log_lines = log_path.read_text(errors="replace").splitlines()
-    outlived = [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    for pid in outlived:
-        os.kill(pid, signal.SIGKILL)
-    report["workers_outliving_server"] = outlived
+    _, outlived = psutil.wait_procs(workers, timeout=10)  # they get SIGTERM when the server exits
+    for p in outlived:
+        p.kill()
+    report["workers_outliving_server"] = [p.pid for p in outlived]
     report["server_log"] = log_lines[-500:]
     print(table(report))
     if text := surprises(report, log_lines):
