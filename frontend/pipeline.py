@@ -46,6 +46,9 @@ class Pipeline:
         self.health = {name: Health(state="down") for name in self.workers.workers}
         self.dropped = 0  # malformed result messages dropped
         self.checked_at = 0.0  # time.monotonic() of the last check of the workers
+        self.read_at = 0.0  # ... of the last look at the results socket
+        self.listening_since = 0.0  # ... since which it has been looked at without a pause: heartbeats that did not
+        # come in that time were not sent (those sent while nobody looked wait in the socket and do not count)
 
     def start(self, names: tuple[str, ...] = ("visual", "llm")) -> None:
         for name in names:
@@ -80,6 +83,10 @@ class Pipeline:
         silent or is stuck; a message that breaks the protocol is logged and dropped."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            now = time.monotonic()
+            if now - self.read_at > 1.0:
+                self.listening_since = now
+            self.read_at = now
             if time.monotonic() - self.checked_at >= 0.2:  # also while results flow: a busy pipeline gets checked
                 self.checked_at = time.monotonic()
                 self.check()
@@ -119,7 +126,7 @@ class Pipeline:
         for name, h in self.health.items():
             if h.state in ("down", "restarting") or not h.last_heartbeat:
                 continue
-            if now - h.last_heartbeat > SILENT_AFTER_S:
+            if now - max(h.last_heartbeat, self.listening_since) > SILENT_AFTER_S:
                 raise WorkerDied(name, f"the {name} worker stopped answering (no heartbeat for "
                                        f"{now - h.last_heartbeat:.1f} s)")
             if h.busy_s > STUCK_AFTER_S:
