@@ -139,11 +139,12 @@ def decode(frames: list) -> Message:
 
 
 def error_message(request_id: str, error: Exception) -> Error:
-    """The error reply for a failed request: code 400 when the request's content was at fault (an unreadable image,
-    a prompt past the context, bad sampling values: ValueError or KeyError), 500 for anything else, a broken message
-    between the processes (ProtocolError) included."""
-    bad_input = isinstance(error, (ValueError, KeyError)) and not isinstance(error, ProtocolError)
-    return Error(request_id, f"{type(error).__name__}: {error}", 400 if bad_input else 500)
+    """The error reply for a failed request: code 400 with the error's own words when the request's content was at
+    fault (an unreadable image, a prompt past the context: a ValueError), 500 naming the kind of failure for anything
+    else, a broken message between the processes (ProtocolError) included."""
+    if isinstance(error, ValueError) and not isinstance(error, ProtocolError):
+        return Error(request_id, str(error), 400)
+    return Error(request_id, f"{type(error).__name__}: {error}", 500)
 
 
 def split_hidden_chunks(embeds: Tensor, width: int) -> list[Tensor]:

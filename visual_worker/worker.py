@@ -47,19 +47,30 @@ class VisualWorker:
         self.requests = ctx.socket(zmq.PULL)
         self.requests.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         self.requests.connect(requests)
-        self.embeds = ctx.socket(zmq.PUB)
+        self.embeds = ctx.socket(zmq.XPUB)  # a PUB that hears subscriptions: Ready waits for the LLM worker's
         self.embeds.bind(embeds)
         self.results = ctx.socket(zmq.PUSH)
         self.results.connect(results)
+        self.subscribers = False
 
     def run(self) -> None:
         parent = os.getppid()
+        while not self.subscribed() and os.getppid() == parent:  # what is published before it is lost
+            self.embeds.poll(PING_SECONDS * 1000)
         self.results.send_multipart(encode(Ready("visual")))
         while os.getppid() == parent:
             if self.requests.poll(PING_SECONDS * 1000):
                 self.handle(self.requests.recv_multipart(copy=False))
             else:
+                self.subscribed()
                 self.embeds.send_multipart(encode(Ping()))
+
+    def subscribed(self) -> bool:
+        """Reads the subscriptions that reached the embeds socket; → whether anyone (the LLM worker, a recorder) is
+        subscribed. XPUB passes on the first subscription and the last unsubscription only."""
+        while self.embeds.poll(0):
+            self.subscribers = self.embeds.recv()[:1] == b"\x01"
+        return self.subscribers
 
     def handle(self, frames) -> None:
         rid = None
