@@ -7,6 +7,7 @@ streams the answer; `replay FILE` feeds a recorded queue into a fresh LLM worker
     python launch.py serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8]
     python launch.py bench [--model DIR | --url http://127.0.0.1:8000] [--concurrency 1,2,4,8]
     python launch.py eval --data MMBench_DEV_EN.tsv [--limit N] [--out preds.jsonl] [--mode mcq|open]
+    python launch.py keys DIR                          # CURVE keys; then --transport tcp --curve-keys DIR
 """
 
 import argparse
@@ -27,6 +28,7 @@ from frontend.media import MediaPolicy, fetch_image, read_video
 from frontend.pipeline import READY_TIMEOUT_S, Pipeline, collect
 from frontend.processes import WorkerDied
 from frontend.prompt import Prompter, user_message
+from common.security import Curve, write_keys
 from frontend.recording import Recorder, read_recording
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +73,7 @@ def run(args) -> int:
     recorder = None
     try:
         pipeline.start()
-        recorder = Recorder(pipeline.endpoints.embeds, args.record) if args.record else None
+        recorder = Recorder(pipeline.endpoints.embeds, args.record, pipeline.curve) if args.record else None
         pipeline.wait_ready(idle=recorder.poll if recorder else None)
         while recorder is not None and not recorder.live:
             recorder.poll()
@@ -89,9 +91,12 @@ def run(args) -> int:
 
 def replay(args) -> int:
     recording = read_recording(args.file)
-    pipeline = Pipeline(Options.from_args(args))
+    options = Options.from_args(args)
+    pipeline = Pipeline(options)
     try:
         pub = zmq.Context.instance().socket(zmq.PUB)
+        if options.curve_keys is not None:  # the LLM worker connects to what it takes for the visual worker
+            Curve(options.curve_keys, "visual").serve(pub)
         pub.bind(pipeline.endpoints.embeds)
         pipeline.start(("llm",))
         # the LLM worker reports ready once a ping has reached it
@@ -115,6 +120,13 @@ def main(argv: list[str]) -> int:
         Options.add_arguments(p)
         p.add_argument("--json", action="store_true", help="last line of stdout: each result as one JSON object")
         return replay(p.parse_args(argv[1:]))
+    if argv[:1] == ["keys"]:
+        p = argparse.ArgumentParser(prog="launch.py keys", description="write a CURVE keypair for each process role "
+                                    "(frontend, visual, llm) into DIR; give every process DIR as --curve-keys")
+        p.add_argument("dir", type=Path)
+        for path in write_keys(p.parse_args(argv[1:]).dir):
+            print(path)
+        return 0
     if argv[:1] == ["eval"]:
         from frontend import eval as evaluation
 

@@ -29,6 +29,9 @@ class Options:
         "type": int})
     transport: str = field(default="ipc", metadata={
         "help": "sockets between the processes: ipc (a private folder) or tcp (127.0.0.1)", "choices": ["ipc", "tcp"]})
+    curve_keys: Path | None = field(default=None, metadata={
+        "help": "a folder made by `launch.py keys`: encrypt and authenticate every socket with ZeroMQ CURVE (for tcp "
+                "endpoints across hosts)", "type": Path})
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
@@ -57,5 +60,5 @@ class Options:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
-VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels")  # what the visual worker takes of them
-LLM_OPTIONS = ("model", "dtype", "max_batch", "max_model_len")
+VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels", "curve_keys")  # what the visual worker takes
+LLM_OPTIONS = ("model", "dtype", "max_batch", "max_model_len", "curve_keys")

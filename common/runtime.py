@@ -16,6 +16,7 @@ from common.config import DTYPES, load_config
 from common.messages import HEARTBEAT_S, Heartbeat
 from common.options import Options
 from common.protocol import encode
+from common.security import Curve
 
 
 def worker_parser(description: str, names: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -65,11 +66,13 @@ class Heartbeats:
     calls `busy()` when it starts a piece of work and `idle()` when done, so a loop stuck inside one shows as a
     growing busy_s while a stopped or dead process shows as silence."""
 
-    def __init__(self, worker: str, results: str):
+    def __init__(self, worker: str, results: str, curve: Curve | None):
         self.worker, self.started = worker, None
         self.socket = zmq.Context.instance().socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 4)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.connect_to(self.socket, "frontend")
         self.socket.connect(results)
         threading.Thread(target=self.run, name="heartbeats", daemon=True).start()
 

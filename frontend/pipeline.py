@@ -13,6 +13,7 @@ import zmq
 from common.messages import Cancel, Error, Finish, Heartbeat, Ready, Request, Result, TokenEntry, Tokens
 from common.options import Options
 from common.protocol import ProtocolError, decode, encode
+from common.security import curve
 from frontend.processes import Endpoints, WorkerDied, Workers
 
 READY_TIMEOUT_S = 300
@@ -35,12 +36,16 @@ class Pipeline:
     def __init__(self, options: Options):
         self.options = options
         self.endpoints = Endpoints(options.transport)
+        self.curve = curve(options.curve_keys, "frontend")
         ctx = zmq.Context.instance()
         self.requests = ctx.socket(zmq.PUSH)
         self.requests.setsockopt(zmq.SNDHWM, 1000)
-        self.requests.bind(self.endpoints.requests)
         self.results = ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.MAXMSGSIZE, MAX_RESULT_BYTES)
+        if self.curve is not None:
+            self.curve.serve(self.requests)
+            self.curve.serve(self.results)
+        self.requests.bind(self.endpoints.requests)
         self.results.bind(self.endpoints.results)
         self.workers = Workers(options, self.endpoints)
         self.health = {name: Health(state="down") for name in self.workers.workers}
@@ -104,6 +109,11 @@ class Pipeline:
             self.dropped += 1
             print(f"front end: dropped a result message that broke the protocol: {e}", file=sys.stderr)
             return []
+        if self.curve is not None and not sent_by_its_owner(msg, self.curve.sender(frames[0])):
+            self.dropped += 1
+            print(f"front end: dropped a {type(msg).__name__} message from {self.curve.sender(frames[0])}, which does "
+                  "not send those", file=sys.stderr)
+            return []
         if isinstance(msg, Tokens):
             return msg.requests
         if isinstance(msg, (Finish, Error)):
@@ -146,6 +156,16 @@ class Pipeline:
         self.requests.close(linger=0)
         self.results.close(linger=0)
         self.endpoints.close()
+
+
+def sent_by_its_owner(msg, sender: str | None) -> bool:
+    """Whether the role that sent a result message is the one that sends its kind: tokens and finishes come from the
+    LLM worker, errors from either worker, a heartbeat or ready from the worker it names."""
+    if isinstance(msg, (Tokens, Finish)):
+        return sender == "llm"
+    if isinstance(msg, Error):
+        return sender in ("visual", "llm")
+    return isinstance(msg, (Heartbeat, Ready)) and sender == msg.worker
 
 
 def answers(pipeline: Pipeline, requests: Iterable[Request], in_flight: int = 1,

@@ -11,6 +11,7 @@ import zmq
 
 from common.messages import Cancel, Embeds, Ping
 from common.protocol import VERSION, ProtocolError, decode
+from common.security import Curve
 
 FORMAT = "qvl-recording"
 MAX_RECORDING_BYTES = 2**34
@@ -26,8 +27,10 @@ def _crc(frames: list[bytes]) -> int:
 class Recorder:
     """Subscribes to the embeds queue and writes every Embeds and Cancel message to a file as it goes."""
 
-    def __init__(self, endpoint: str, path: str):
+    def __init__(self, endpoint: str, path: str, curve: Curve | None):
         self.sub = zmq.Context.instance().socket(zmq.SUB)
+        if curve is not None:
+            curve.connect_to(self.sub, "visual")
         self.sub.connect(endpoint)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.file = open(path, "wb")

@@ -30,13 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.messages import MAX_NEW_TOKENS, MAX_SEED, Error, Finish, PixelLimits, Result, SamplingParams, TokenEntry
 from common.options import Options
-from frontend.media import MediaError, MediaPolicy, fetch_image, read_video
+from frontend.media import MediaError, MediaPolicy, fetch_image, image_size, read_video
 from frontend.pipeline import Pipeline
 from frontend.processes import WorkerDied
 from frontend.prompt import Prompter
 
 DEFAULT_MAX_TOKENS = 1024  # max_tokens when a request sets none (--default-max-tokens); the context end bounds it too
 MAX_BODY_BYTES = 64 * 2**20  # a request body past this is refused with 413 before it is parsed (--max-body-mb)
+MAX_REQUEST_PIXELS = 2**27  # all images and video frames of one request, decoded: about 400 MB of RGB
 MAX_TEXT_CHARS = 1 << 20  # one text part; the context refuses far less, but this bounds the tokenizer's work
 
 
@@ -183,9 +184,10 @@ class Router:
 
 class Server:
     def __init__(self, pipeline: Pipeline, model_name: str, media: MediaPolicy, default_max_tokens: int,
-                 max_media: int):
+                 max_media: int, max_request_pixels: int):
         self.pipeline, self.model_name, self.media = pipeline, model_name, media
         self.default_max_tokens, self.max_media = default_max_tokens, max_media
+        self.max_request_pixels = max_request_pixels  # decoded pixels of all its media: what the visual worker holds
         self.prompter = Prompter(pipeline.options.model, pipeline.context_len)
         self.text_work = ThreadPoolExecutor(1, thread_name_prefix="prompt")  # one tokenizer, one thread
         self.created = int(time.time())
@@ -203,22 +205,25 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def media_part(self, part: ImagePart | VideoPart, index: int) -> dict:
-        """An image or video part → the prompt builder's part holding its bytes or frames."""
+    async def media_part(self, part: ImagePart | VideoPart, index: int) -> tuple[dict, int]:
+        """An image or video part → the prompt builder's part holding its bytes or frames, and its decoded pixels."""
         if isinstance(part, ImagePart):
             url = part.image_url.url
             if not url.startswith(("http://", "https://", "data:image/")) and self.media.allowed_local_media_path is None:
                 raise APIError(400, f"image {index}: image_url must be an http(s) URL or a data:image/...;base64, URI, "
                                     f"got {url[:40]!r}", "messages")
             try:
-                return {"type": "image", "data": await fetch_image(url, self.media)}
+                data = await fetch_image(url, self.media)
+                width, height = image_size(data, self.media)
             except MediaError as e:
                 raise APIError(400, f"image {index}: cannot decode or fetch it: {e}", "messages") from None
+            return {"type": "image", "data": data}, width * height
         video = part.video_url
         try:
-            return {"type": "video", "frames": await read_video(video.url, video.fps, self.media), "fps": video.fps}
+            frames = await read_video(video.url, video.fps, self.media)
         except MediaError as e:
             raise APIError(400, f"video {index}: cannot read it: {e}", "messages") from None
+        return {"type": "video", "frames": frames, "fps": video.fps}, frames.size // 3
 
     async def to_request(self, req: ChatRequest, rid: str):
         """OpenAI messages → a Request: media fetched (all of a request's at once), then the prompt built in the
@@ -232,7 +237,12 @@ class Server:
         for p in parts:
             count[type(p)] += 1
             numbered.append(self.media_part(p, count[type(p)]))
-        fetched = iter(await asyncio.gather(*numbered))
+        fetched = await asyncio.gather(*numbered)
+        pixels = sum(n for _, n in fetched)
+        if pixels > self.max_request_pixels:
+            raise APIError(400, f"the request's images and videos hold {pixels} pixels; at most "
+                                f"{self.max_request_pixels} are allowed in one request (--max-request-pixels)", "messages")
+        fetched = iter(part for part, _ in fetched)
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                      [{"type": "text", "text": p.text} if isinstance(p, TextPart) else next(fetched) for p in m.content]}
                     for m in req.messages]
@@ -388,9 +398,9 @@ class BodyLimit:
 
 def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPolicy(),
                default_max_tokens: int = DEFAULT_MAX_TOKENS, max_media: int = 16,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_request_pixels: int = MAX_REQUEST_PIXELS, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app over a Pipeline whose workers are ready."""
-    server = Server(pipeline, model_name, media, default_max_tokens, max_media)
+    server = Server(pipeline, model_name, media, default_max_tokens, max_media, max_request_pixels)
 
     async def lifespan(app):
         server.router = Router(pipeline, asyncio.get_running_loop())
@@ -469,6 +479,8 @@ def serve_options(p) -> None:
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="max_tokens of a request that sets none")
     p.add_argument("--max-media-per-request", type=int, default=16, help="images and videos in one request")
+    p.add_argument("--max-request-pixels", type=int, default=MAX_REQUEST_PIXELS,
+                   help="decoded pixels of all images and video frames of one request")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body")
     p.add_argument("--allowed-local-media-path", type=Path,
                    help="image and video URLs may name files under this folder (default: no local files)")
@@ -492,7 +504,7 @@ def serve(args) -> int:
         pipeline.wait_ready()
         name = args.served_model_name or Path(options.model).resolve().name
         app = create_app(pipeline, name, media, args.default_max_tokens, args.max_media_per_request,
-                         int(args.max_body_mb * 2**20))
+                         args.max_request_pixels, int(args.max_body_mb * 2**20))
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return 0

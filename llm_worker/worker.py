@@ -16,6 +16,7 @@ from common.messages import Cancel, Embeds, Finish, Message, Ping, Ready, TokenE
 from common.options import Options
 from common.protocol import ProtocolError, assemble_chunks, decode, encode, error_message
 from common.runtime import Heartbeats, resolve_dtype
+from common.security import curve
 from common.tokenizer import Tokenizer
 from llm_worker.engine import Engine, Sequence
 from llm_worker.inputs import expand_vision_pads, prefill_inputs
@@ -61,7 +62,8 @@ class Stream:
 
 class LLMWorker:
     def __init__(self, options: Options, device: str, embeds: str, results: str):
-        self.heartbeats = Heartbeats("llm", results)  # from the start: a stopped load shows as silence
+        self.curve = curve(options.curve_keys, "llm")
+        self.heartbeats = Heartbeats("llm", results, self.curve)  # from the start: a stopped load shows as silence
         self.config = load_config(options.model)
         self.tokenizer = Tokenizer.from_dir(options.model)
         self.model = LanguageModel.from_pretrained(options.model, resolve_dtype(options.model, options.dtype), device)
@@ -72,9 +74,12 @@ class LLMWorker:
         ctx = zmq.Context.instance()
         self.embeds = ctx.socket(zmq.SUB)
         self.embeds.setsockopt(zmq.MAXMSGSIZE, MAX_EMBEDS_BYTES)
+        self.results = ctx.socket(zmq.PUSH)
+        if self.curve is not None:
+            self.curve.connect_to(self.embeds, "visual")
+            self.curve.connect_to(self.results, "frontend")
         self.embeds.connect(embeds)
         self.embeds.setsockopt(zmq.SUBSCRIBE, b"")
-        self.results = ctx.socket(zmq.PUSH)
         self.results.connect(results)
 
     def run(self) -> None:

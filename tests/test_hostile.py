@@ -34,7 +34,7 @@ NORMAL = [image_part(PNG["small"]), {"type": "text", "text": "What is it?"}]
 def hostile_server(tiny_model):
     """A server of its own (these tests disturb it): short default answers, local media only under the temp folder."""
     proc, url = start_server(tiny_model, "--default-max-tokens", "16", "--max-media-per-request", "8",
-                             "--max-body-mb", "8", "--media-timeout-s", "5")
+                             "--max-body-mb", "8", "--media-timeout-s", "5", "--max-request-pixels", "5000000")
     yield proc, url
     stop_server(proc)
 
@@ -171,6 +171,15 @@ def test_a_prompt_whose_images_overflow_the_context_is_refused_before_the_vit_wi
     with pytest.raises(openai.BadRequestError, match=r"the prompt is \d+ tokens with its images and videos "
                                                      r"\(5041 visual tokens\), over the 4095"):
         ask(client, [{"type": "image_url", "image_url": {"url": data_uri(buf.getvalue())}}])
+    assert_still_serving(client, normal_answer)
+
+
+def test_a_request_past_its_pixel_budget_is_refused_before_the_visual_worker(client, normal_answer):
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (10, 200, 10)).save(buf, format="PNG")  # 4 megapixels each
+    part = {"type": "image_url", "image_url": {"url": data_uri(buf.getvalue())}}
+    with pytest.raises(openai.BadRequestError, match="hold 8000000 pixels; at most 5000000 are allowed"):
+        ask(client, [part, part])
     assert_still_serving(client, normal_answer)
 
 

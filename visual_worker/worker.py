@@ -17,6 +17,7 @@ from common.messages import Cancel, Embeds, Image, Ping, Ready, Request, Video
 from common.options import Options
 from common.protocol import DTYPE_NAMES, ProtocolError, decode, encode, error_message, hidden_chunks
 from common.runtime import Heartbeats, resolve_dtype
+from common.security import curve
 from visual_worker.preprocess import PreprocessConfig, load_image, preprocess_images, preprocess_video
 from visual_worker.vision import VisionTransformer
 
@@ -38,7 +39,8 @@ def open_image(data: bytes, max_pixels: int) -> PILImage.Image:
 
 class VisualWorker:
     def __init__(self, options: Options, device: str, requests: str, embeds: str, results: str):
-        self.heartbeats = Heartbeats("visual", results)  # from the start: a stopped load shows as silence
+        self.curve = curve(options.curve_keys, "visual")
+        self.heartbeats = Heartbeats("visual", results, self.curve)  # from the start: a stopped load shows as silence
         self.config = load_config(options.model)
         self.preprocess = PreprocessConfig.from_dir(options.model)
         self.vit = VisionTransformer.from_pretrained(options.model, resolve_dtype(options.model, options.dtype), device)
@@ -46,10 +48,14 @@ class VisualWorker:
         ctx = zmq.Context.instance()
         self.requests = ctx.socket(zmq.PULL)
         self.requests.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        self.requests.connect(requests)
         self.embeds = ctx.socket(zmq.XPUB)  # a PUB that hears subscriptions: Ready waits for the LLM worker's
-        self.embeds.bind(embeds)
         self.results = ctx.socket(zmq.PUSH)
+        if self.curve is not None:
+            self.curve.connect_to(self.requests, "frontend")
+            self.curve.serve(self.embeds)
+            self.curve.connect_to(self.results, "frontend")
+        self.requests.connect(requests)
+        self.embeds.bind(embeds)
         self.results.connect(results)
         self.subscribers = False
 
