@@ -182,7 +182,7 @@ async def hostile_media(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     try:
         request = await reader.readline()
         while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-            pass
+            continue  # the request's headers are read and ignored, up to the blank line that ends them
         path = request.split()[1] if len(request.split()) > 1 else b"/"
         if path == b"/redirect":
             writer.write(b"HTTP/1.1 302 Found\r\nLocation: /redirect\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -353,7 +353,7 @@ class Soak:
                     total += rss
                     by_role[role] = rss
             except psutil.Error:
-                pass
+                pass  # a worker exited between listing and reading it (the soak kills them): this sample skips it
             self.peak_rss = max(self.peak_rss, total)
             for role, rss in by_role.items():
                 self.peak_rss_by_role[role] = max(self.peak_rss_by_role[role], rss)
@@ -536,7 +536,7 @@ async def soak(args, proc: subprocess.Popen, url: str, folder: Path) -> dict:
                     report["stopped_workers_left_alive"].append(pid)
                     os.kill(pid, signal.SIGKILL)
             except psutil.NoSuchProcess:
-                pass
+                pass  # gone, as it should be
         report["healthy_after_soak"] = await wait_healthy(proc, url, session, RECOVERY_TIMEOUT_S)
         after = await ask_alone(session, url, model, run.now)
         report["after_soak"] = {kind: {**asdict(o), "identical": o.status == 200 and not o.lost

@@ -50,7 +50,7 @@ def _encode_frame(obj):
     if isinstance(obj, Blob):
         frames.append(obj.data)
         return ["blob", len(frames) - 1]
-    raise NotImplementedError(f"{type(obj).__name__} cannot travel")
+    raise NotImplementedError(f"{type(obj).__name__} cannot travel")  # msgspec's signal for a type a hook refuses
 
 
 def _frame(index) -> memoryview:
@@ -88,7 +88,7 @@ def _decode_frame(kind: type, obj):
         with warnings.catch_warnings():  # zmq frames are read-only; the tensor is only read
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
-    raise NotImplementedError(f"{kind.__name__} cannot travel")
+    raise NotImplementedError(f"{kind.__name__} cannot travel")  # msgspec's signal for a type a hook refuses
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_encode_frame)

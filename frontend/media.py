@@ -269,7 +269,7 @@ class _CheckedResolver(AbstractResolver):
         return results
 
     async def close(self) -> None:
-        pass
+        """AbstractResolver asks for it; this resolver holds nothing to release (lookups run in the media pool)."""
 
 
 def _local_path(url: str, job: _Job) -> str:

@@ -2,6 +2,7 @@
 framing, a field's type or range, a tensor's dtype, shape or byte count, a frame named twice or not at all) is a
 ProtocolError that says what, naming the request when the header did. Fuzzed: no input raises anything else."""
 
+import contextlib
 import math
 
 import msgspec
@@ -236,7 +237,5 @@ def mutated_headers():
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(header=mutated_headers(), frames=st.lists(st.binary(max_size=64), max_size=4))
 def test_fuzzed_messages_decode_or_raise_protocol_error_only(header, frames):
-    try:
+    with contextlib.suppress(ProtocolError):  # any other exception fails the test
         decode([header, *frames])
-    except ProtocolError:
-        pass
