@@ -17,6 +17,9 @@ class Options:
         "help": "checkpoint directory in Hugging Face layout (default: the embedded demo model)", "type": Path})
     dtype: str | None = field(default=None, metadata={
         "help": "float32, bfloat16 or float16 (default: the checkpoint's own)", "choices": sorted(DTYPES)})
+    quantization: str | None = field(default=None, metadata={
+        "help": "the LLM worker's decoder weights, quantized at load: int8 (one scale per output channel) or int4 "
+                "(groups of 128); an AWQ checkpoint is int4 without it", "choices": ["int8", "int4"]})
     visual_device: str = field(default="cpu", metadata={"help": "the visual worker's device: cpu or cuda:N"})
     llm_device: str = field(default="cpu", metadata={"help": "the LLM worker's device: cpu or cuda:N"})
     chunk_width: int = field(default=640, metadata={
@@ -32,6 +35,12 @@ class Options:
     curve_keys: Path | None = field(default=None, metadata={
         "help": "a folder made by `launch.py keys`: encrypt and authenticate every socket with ZeroMQ CURVE (for tcp "
                 "endpoints across hosts)", "type": Path})
+    visual_backend: str = field(default="torch", metadata={
+        "help": "how the visual worker runs the ViT: torch (eager) or tvm (compiled for fixed patch buckets, cached on "
+                "disk; see `launch.py compile`)", "choices": ["torch", "tvm"]})
+    patch_buckets: str = field(default="1024,4096,5120", metadata={
+        "help": "with --visual-backend tvm: the patch counts the ViT is compiled for, each a multiple of 16; a "
+                "request's images go through the smallest that holds them"})
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
@@ -58,7 +67,18 @@ class Options:
         for name in ("chunk_width", "max_batch", "max_model_len", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        parse_patch_buckets(self.patch_buckets)
 
 
-VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels", "curve_keys")  # what the visual worker takes
-LLM_OPTIONS = ("model", "dtype", "max_batch", "max_model_len", "curve_keys")
+def parse_patch_buckets(text: str) -> list[int]:
+    """'1024,4096,5120' → [1024, 4096, 5120], sorted; a ValueError unless each is a positive multiple of 16."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) >= 16 and int(p) % 16 == 0 for p in parts):
+        raise ValueError(f"--patch-buckets takes comma-separated patch counts, each a positive multiple of 16 "
+                         f"(like 1024,4096,5120), got {text!r}")
+    return sorted({int(p) for p in parts})
+
+
+VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels", "curve_keys", "visual_backend",
+                  "patch_buckets")  # what the visual worker takes
+LLM_OPTIONS = ("model", "dtype", "quantization", "max_batch", "max_model_len", "curve_keys")

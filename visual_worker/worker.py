@@ -14,11 +14,12 @@ from PIL import Image as PILImage
 
 from common.config import load_config
 from common.messages import Cancel, Embeds, Image, Ping, Ready, Request, Video
-from common.options import Options
+from common.options import Options, parse_patch_buckets
 from common.protocol import DTYPE_NAMES, ProtocolError, decode, encode, error_message, hidden_chunks
 from common.runtime import Heartbeats, resolve_dtype
 from common.security import curve
 from visual_worker.preprocess import PreprocessConfig, load_image, preprocess_images, preprocess_video
+from visual_worker.tvm_backend import TvmVisionBackend
 from visual_worker.vision import VisionTransformer
 
 PING_SECONDS = 0.2  # idle heartbeat on the embeds socket; the LLM worker reports ready once it has heard one
@@ -44,6 +45,8 @@ class VisualWorker:
         self.config = load_config(options.model)
         self.preprocess = PreprocessConfig.from_dir(options.model)
         self.vit = VisionTransformer.from_pretrained(options.model, resolve_dtype(options.model, options.dtype), device)
+        self.run_vit = self.vit.embed if options.visual_backend == "torch" else \
+            TvmVisionBackend(self.vit, parse_patch_buckets(options.patch_buckets), device).embed
         self.chunk_width, self.max_image_pixels = options.chunk_width, options.max_image_pixels
         ctx = zmq.Context.instance()
         self.requests = ctx.socket(zmq.PULL)
@@ -128,10 +131,10 @@ class VisualWorker:
         t1 = time.perf_counter()
         chunks = []
         if image_grid:
-            chunks += hidden_chunks("image", self.vit.embed(torch.from_numpy(image_pixels), image_grid), self.chunk_width)
+            chunks += hidden_chunks("image", self.run_vit(torch.from_numpy(image_pixels), image_grid), self.chunk_width)
         if video_grid:
             pixels = torch.from_numpy(np.concatenate(video_pixels))
-            chunks += hidden_chunks("video", self.vit.embed(pixels, video_grid), self.chunk_width)
+            chunks += hidden_chunks("video", self.run_vit(pixels, video_grid), self.chunk_width)
         t2 = time.perf_counter()
         return Embeds(
             req.id, req.prompt_ids, [tuple(g) for g in image_grid], [tuple(g) for g in video_grid], seconds,
