@@ -44,8 +44,9 @@ def _header(file: Path) -> tuple[dict, int]:
         return json.loads(f.read(size)), 8 + size
 
 
-def read_tensors(model_dir, prefixes, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
-    """Tensors whose published name starts with one of `prefixes`, keyed by published name, cast to `dtype`."""
+def read_tensors(model_dir, prefixes, dtype: torch.dtype, device="cpu", cast_integers=True) -> dict[str, torch.Tensor]:
+    """Tensors whose published name starts with one of `prefixes`, keyed by published name, cast to `dtype`; with
+    cast_integers=False integer tensors stay as stored (an AWQ checkpoint's int32-packed codes)."""
     model_dir = Path(model_dir)
     prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
     wanted: dict[Path, list[str]] = {}
@@ -61,7 +62,9 @@ def read_tensors(model_dir, prefixes, dtype: torch.dtype, device="cpu") -> dict[
             for stored in names:
                 if stored not in header:
                     raise KeyError(f"{file}: tensor {stored!r} is listed in model.safetensors.index.json but not in the file")
-                tensors[canonical_name(stored)] = _read(f, data, header[stored], file, stored).to(device, dtype)
+                tensor = _read(f, data, header[stored], file, stored)
+                cast = cast_integers or tensor.is_floating_point()
+                tensors[canonical_name(stored)] = tensor.to(device, dtype if cast else None)
     return tensors
 
 

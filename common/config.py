@@ -62,6 +62,7 @@ class ModelConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     dtype: str = "bfloat16"  # dtype the checkpoint was saved in
+    quantization_config: dict | None = None  # a pre-quantized checkpoint's (AWQ), as config.json gives it
 
 
 def _pick(cls, raw: dict, **overrides):

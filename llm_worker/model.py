@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from common.checkpoint import LANGUAGE, checked, load_module, read_tensors
 from common.layers import RMSNorm, rotate_half
 from common.config import TextConfig, load_config
+from llm_worker.quant import QUANTIZED_KINDS, quantize_linears, quantize_projections
 from llm_worker.rope import mrope_cos_sin
 
 
@@ -161,15 +162,21 @@ class LanguageModel(nn.Module):
         return self.lm_head(self.model.norm(x)).float()
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "LanguageModel":
-        """Reads only the `model.` and `lm_head.` tensors of the checkpoint; ties lm_head when the config says so."""
-        config = load_config(model_dir).text
+    def from_pretrained(
+        cls, model_dir, dtype: torch.dtype = torch.bfloat16, device="cpu", quantization: str | None = None,
+    ) -> "LanguageModel":
+        """Reads only the `model.` and `lm_head.` tensors of the checkpoint; ties lm_head when the config says so.
+        quantization int8 or int4 quantizes the decoder's projections at load; an AWQ checkpoint loads as int4."""
+        full_config = load_config(model_dir)
+        config = full_config.text
         with torch.device("meta"):
             model = cls(config)
-        tensors = read_tensors(model_dir, LANGUAGE, dtype, device)
+        tensors = read_tensors(model_dir, LANGUAGE, dtype, device, cast_integers=False)
         if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        quantize_projections(tensors, quantization, full_config.quantization_config, dtype, Path(model_dir))
         stack_projections(tensors, model, Path(model_dir))
+        quantize_linears(model.model.layers, tensors, "model.layers.")
         load_module(model, tensors, "", Path(model_dir))
         return model.eval()
 
@@ -180,13 +187,17 @@ STACKED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("g
 def stack_projections(tensors: dict[str, Tensor], model: LanguageModel, source) -> None:
     """Stacks each layer's q, k, v projections (and gate, up) into one matrix, as vLLM does: one GEMM instead of
     three (two). At decode a small GEMM costs about the same whatever its width, so this is most of a step's GEMMs
-    less. Errors name the checkpoint's own tensors."""
+    less. Quantized projections (llm_worker.quant) stack their codes, scales and zeros the same way: all three have
+    the output channels on dim 0. Errors name the checkpoint's own tensors."""
     for i, layer in enumerate(model.model.layers):
         for owner, (stacked, parts) in STACKED.items():
             widths = layer.get_submodule(owner).widths
-            for kind, param in layer.get_submodule(f"{owner}.{stacked}").named_parameters():
+            shapes = {kind: param.shape[1:] for kind, param in layer.get_submodule(f"{owner}.{stacked}").named_parameters()}
+            first = f"model.layers.{i}.{owner}.{parts[0]}."
+            shapes.update({kind: tensors[first + kind].shape[1:] for kind in QUANTIZED_KINDS if first + kind in tensors})
+            for kind, shape in shapes.items():
                 names = [f"model.layers.{i}.{owner}.{part}.{kind}" for part in parts]
-                stack = [checked(tensors, name, (width, *param.shape[1:]), source) for name, width in zip(names, widths)]
+                stack = [checked(tensors, name, (width, *shape), source) for name, width in zip(names, widths)]
                 tensors[f"model.layers.{i}.{owner}.{stacked}.{kind}"] = torch.cat(stack)
                 for name in names:
                     del tensors[name]
