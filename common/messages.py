@@ -5,6 +5,7 @@ every other field is checked against its declared type when a message arrives, n
 
     front end ──Request──▶ visual worker ──Embeds / Cancel / Ping──▶ LLM worker ──Tokens / Finish──▶ front end
     any worker ──Error / Ready / Heartbeat──▶ front end;  front end ──Cancel──▶ visual worker (→ LLM worker)
+    front end ──Alive──▶ every worker (its control socket)
 """
 
 from typing import Annotated, Literal
@@ -160,6 +161,13 @@ class Heartbeat(Struct, tag="heartbeat", forbid_unknown_fields=True):
     busy_s: Annotated[float, Meta(ge=0)] = 0.0
 
 
+class Alive(Struct, tag="alive", forbid_unknown_fields=True):
+    """Front end → every worker on its control socket every HEARTBEAT_S from a thread of its own: a worker that hears
+    none for FRONTEND_SILENT_S drops the requests it holds rather than compute answers nobody reads."""
+
+    pid: Count
+
+
 class Ping(Struct, tag="ping", forbid_unknown_fields=True):
     """Visual worker → LLM worker while idle: PUB/SUB drops what is sent before a subscription, so the LLM worker
     reports ready only once one has arrived."""
@@ -171,6 +179,7 @@ class Cancel(Struct, tag="cancel", forbid_unknown_fields=True):
     id: str
 
 
-Message = Request | Embeds | Tokens | Finish | Error | Ready | Heartbeat | Ping | Cancel
+Message = Request | Embeds | Tokens | Finish | Error | Ready | Heartbeat | Alive | Ping | Cancel
 Result = TokenEntry | Finish | Error  # what the front end hands a request's reader, one per event
 HEARTBEAT_S = 0.5
+FRONTEND_SILENT_S = 10.0

@@ -1,5 +1,6 @@
 """What every worker process shares: its command line (the shared Options plus device, endpoints and threads), the
-heartbeat thread that tells the front end it is alive, and dying with its parent."""
+heartbeat thread that tells the front end it is alive, its line to the front end's heartbeats (FrontEnd), and dying
+with its parent."""
 
 import argparse
 import ctypes
@@ -13,9 +14,9 @@ import torch
 import zmq
 
 from common.config import DTYPES, load_config
-from common.messages import HEARTBEAT_S, Heartbeat
+from common.messages import FRONTEND_SILENT_S, HEARTBEAT_S, Alive, Heartbeat
 from common.options import Options
-from common.protocol import encode
+from common.protocol import ProtocolError, decode, encode
 from common.security import Curve
 
 
@@ -26,6 +27,7 @@ def worker_parser(description: str, names: tuple[str, ...]) -> argparse.Argument
     Options.add_arguments(p, names)
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--results", required=True, help="front end's results endpoint to connect to")
+    p.add_argument("--control", required=True, help="front end's control endpoint (its heartbeats) to connect to")
     p.add_argument("--exit-with-parent", action="store_true", help="die when the launching process dies")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, every core)")
     return p
@@ -92,3 +94,47 @@ class Heartbeats:
             except zmq.Again:
                 pass  # the front end is not reading: it learns nothing new from a queue of heartbeats
             time.sleep(HEARTBEAT_S)
+
+
+class FrontEndGone(Exception):
+    """The front end has sent no heartbeat for FRONTEND_SILENT_S: the worker drops what it holds for it."""
+
+
+class FrontEnd:
+    """A worker's view of the front end: a SUB on its control socket hearing its Alive messages. Silent for
+    FRONTEND_SILENT_S (dead, or stopped), it is `gone`; the worker then drops the requests
+    it holds, and tells the front end which once it is heard again. A worker busy in one piece of work reads the
+    heartbeats queued meanwhile only after it, so silence is seen within FRONTEND_SILENT_S plus that piece of work."""
+
+    def __init__(self, control: str, curve: Curve | None):
+        self.socket = zmq.Context.instance().socket(zmq.SUB)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 4096)
+        if curve is not None:
+            curve.connect_to(self.socket, "frontend")
+        self.socket.connect(control)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.heard_at = time.monotonic()
+
+    def silent_s(self) -> float:
+        while self.socket.poll(0):
+            try:
+                msg = decode(self.socket.recv_multipart(copy=False))
+            except ProtocolError as e:
+                print(f"dropped a control message that broke the protocol: {e}", file=sys.stderr)
+                continue
+            if isinstance(msg, Alive):
+                self.heard_at = time.monotonic()
+            else:
+                print(f"dropped a {type(msg).__name__} message on the control socket", file=sys.stderr)
+        return time.monotonic() - self.heard_at
+
+    def gone(self) -> bool:
+        return self.silent_s() > FRONTEND_SILENT_S
+
+    def send(self, socket: zmq.Socket, frames: list) -> None:
+        """Sends to the front end, waiting while its queue is full (it is not reading); raises FrontEndGone when it
+        falls silent meanwhile, so a worker never blocks for good on a front end that is not coming back."""
+        while not socket.poll(HEARTBEAT_S * 1000, zmq.POLLOUT):
+            if (silent := self.silent_s()) > FRONTEND_SILENT_S:
+                raise FrontEndGone(f"the front end sent no heartbeat for {silent:.1f} s")
+        socket.send_multipart(frames, copy=False)

@@ -1,16 +1,19 @@
-"""The pipeline client: binds the requests and results sockets, starts and watches the workers, sends requests and
-cancels, and reads results. `receive` is the one result reader: it hands back each request's TokenEntry / Finish /
+"""The pipeline client: binds the requests, results and control sockets, starts and watches the workers, sends
+requests and cancels, and reads results; a thread of its own sends the workers a heartbeat (Alive) every
+HEARTBEAT_S. `receive` is the one result reader: it hands back each request's TokenEntry / Finish /
 Error events and keeps what the workers say about themselves (Ready, Heartbeat) as their health; `answers` runs
 many requests through it, `collect` one."""
 
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import zmq
 
-from common.messages import Cancel, Error, Finish, Heartbeat, Ready, Request, Result, TokenEntry, Tokens
+from common.messages import HEARTBEAT_S, Alive, Cancel, Error, Finish, Heartbeat, Ready, Request, Result, TokenEntry, Tokens
 from common.options import Options
 from common.protocol import ProtocolError, decode, encode
 from common.security import curve
@@ -42,11 +45,16 @@ class Pipeline:
         self.requests.setsockopt(zmq.SNDHWM, 1000)
         self.results = ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.MAXMSGSIZE, MAX_RESULT_BYTES)
+        self.control = ctx.socket(zmq.PUB)  # the front end's heartbeats to every worker
         if self.curve is not None:
-            self.curve.serve(self.requests)
-            self.curve.serve(self.results)
+            for socket in (self.requests, self.results, self.control):
+                self.curve.serve(socket)
         self.requests.bind(self.endpoints.requests)
         self.results.bind(self.endpoints.results)
+        self.control.bind(self.endpoints.control)
+        self.closing = threading.Event()
+        self.heartbeats = threading.Thread(target=self.send_heartbeats, name="frontend-heartbeats", daemon=True)
+        self.heartbeats.start()  # the thread owns the control socket from here on
         self.workers = Workers(options, self.endpoints)
         self.health = {name: Health(state="down") for name in self.workers.workers}
         self.dropped = 0  # malformed result messages dropped
@@ -129,6 +137,13 @@ class Pipeline:
             print(f"front end: dropped a {type(msg).__name__} message on the results socket", file=sys.stderr)
         return []
 
+    def send_heartbeats(self) -> None:
+        """A front end whose process stops or dies falls silent: the workers drop its requests after
+        FRONTEND_SILENT_S (common/runtime.py FrontEnd)."""
+        alive = encode(Alive(os.getpid()))
+        while not self.closing.wait(HEARTBEAT_S):
+            self.control.send_multipart(alive)  # PUB: never blocks
+
     def check(self) -> None:
         """Raises WorkerDied for a started worker that has exited, whose heartbeats stopped, or that is stuck."""
         self.workers.check()
@@ -153,8 +168,10 @@ class Pipeline:
 
     def close(self) -> None:
         self.workers.stop()
-        self.requests.close(linger=0)
-        self.results.close(linger=0)
+        self.closing.set()
+        self.heartbeats.join()
+        for socket in (self.requests, self.results, self.control):
+            socket.close(linger=0)
         self.endpoints.close()
 
 

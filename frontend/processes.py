@@ -28,13 +28,14 @@ class WorkerDied(RuntimeError):
 
 
 class Endpoints:
-    """The three socket addresses of one pipeline: ipc sockets in a folder only this user can open (removed by
+    """The four socket addresses of one pipeline: ipc sockets in a folder only this user can open (removed by
     `close`), or tcp ports on 127.0.0.1."""
 
     def __init__(self, transport: str):
         self.transport = transport
         self.dir = tempfile.mkdtemp(prefix="qvl-")  # mode 0700
-        self.requests, self.results, self.embeds = (self._free(name) for name in ("requests", "results", "embeds"))
+        self.requests, self.results, self.embeds, self.control = (
+            self._free(name) for name in ("requests", "results", "embeds", "control"))
 
     def _free(self, name: str) -> str:
         if self.transport == "ipc":
@@ -80,7 +81,7 @@ class Workers:
     def __init__(self, options: Options, endpoints: Endpoints):
         threads = str(max(1, (os.cpu_count() or 2) // 2))  # the two workers share this host's cores
         common = [sys.executable, "-m"]
-        tail = ["--results", endpoints.results, "--threads", threads, "--exit-with-parent"]
+        tail = ["--results", endpoints.results, "--control", endpoints.control, "--threads", threads, "--exit-with-parent"]
         self.workers = {
             "visual": Worker("visual", [*common, "visual_worker", *options.argv(VISUAL_OPTIONS), "--device",
                                         options.visual_device, "--requests", endpoints.requests, "--embeds",

@@ -9,7 +9,7 @@ def main() -> None:
     p = worker_parser("Qwen2.5-VL LLM worker: image embeddings + prompt → streamed text", LLM_OPTIONS)
     p.add_argument("--embeds", required=True, help="visual worker's endpoint to subscribe to")
     a = p.parse_args()
-    LLMWorker(start_worker(a), a.device, a.embeds, a.results).run()
+    LLMWorker(start_worker(a), a.device, a.embeds, a.results, a.control).run()
 
 
 if __name__ == "__main__":

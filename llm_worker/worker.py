@@ -1,7 +1,7 @@
 """The LLM worker process: subscribes to the visual worker's embeddings, reassembles the chunks, expands each media
 item's pad, prefills and decodes all active requests together, and streams one Tokens message a step, then a Finish
 message for each request that ends, to the front end. No input stops it: a bad message fails its own request, a
-failed step fails the requests in it."""
+failed step fails the requests in it. A front end that falls silent has its requests dropped (FrontEnd)."""
 
 import os
 import sys
@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import zmq
 
 from common.config import load_config
-from common.messages import Cancel, Embeds, Finish, Message, Ping, Ready, TokenEntry, Tokens
+from common.messages import Cancel, Embeds, Error, Finish, Message, Ping, Ready, TokenEntry, Tokens
 from common.options import Options
 from common.protocol import ProtocolError, assemble_chunks, decode, encode, error_message
-from common.runtime import Heartbeats, resolve_dtype
+from common.runtime import FrontEnd, FrontEndGone, Heartbeats, resolve_dtype
 from common.security import curve
 from common.tokenizer import Tokenizer
 from llm_worker.engine import Engine, Sequence
@@ -61,15 +61,18 @@ class Stream:
 
 
 class LLMWorker:
-    def __init__(self, options: Options, device: str, embeds: str, results: str):
+    def __init__(self, options: Options, device: str, embeds: str, results: str, control: str):
         self.curve = curve(options.curve_keys, "llm")
         self.heartbeats = Heartbeats("llm", results, self.curve)  # from the start: a stopped load shows as silence
+        self.frontend = FrontEnd(control, self.curve)
         self.config = load_config(options.model)
         self.tokenizer = Tokenizer.from_dir(options.model)
         self.model = LanguageModel.from_pretrained(options.model, resolve_dtype(options.model, options.dtype), device)
         self.engine = Engine(self.model, options.max_batch, options.max_model_len)
         self.pending: deque[tuple[Embeds, dict]] = deque()
         self.streams: dict[int, Stream] = {}  # id(Sequence) → its stream
+        self.open: set[str] = set()  # requests received whose Finish or Error has not been sent
+        self.dropped: dict[str, str] = {}  # request → why it was dropped, told to the front end once it is heard
         self.ready = False
         ctx = zmq.Context.instance()
         self.embeds = ctx.socket(zmq.SUB)
@@ -90,9 +93,32 @@ class LLMWorker:
                 self.receive(self.embeds.recv_multipart(copy=False))
                 idle = False
             self.heartbeats.busy()
-            self.admit()
-            self.step()
+            try:
+                self.watch()
+                self.admit()
+                self.step()
+            except FrontEndGone as e:
+                self.drop(f"the llm worker dropped the request: {e}")
             self.heartbeats.idle()
+
+    def watch(self) -> None:
+        """Raises FrontEndGone while requests are held for a silent front end; once it is heard, tells it what was
+        dropped."""
+        if self.frontend.gone():
+            if self.open or self.pending:
+                raise FrontEndGone(f"the front end sent no heartbeat for {self.frontend.silent_s():.1f} s")
+        elif self.dropped:
+            for rid, why in list(self.dropped.items()):
+                self.send(Error(rid, why, 503))
+                del self.dropped[rid]
+
+    def drop(self, why: str) -> None:
+        print(f"llm worker: dropping {len(self.open)} requests: {why}", file=sys.stderr)
+        self.dropped.update(dict.fromkeys(self.open, why))
+        self.open.clear()
+        self.pending.clear()
+        self.streams.clear()
+        self.engine.abort_all(FrontEndGone(why))
 
     def receive(self, frames) -> None:
         arrived = time.time()
@@ -103,10 +129,11 @@ class LLMWorker:
         if isinstance(msg, Ping):
             if not self.ready:
                 self.ready = True
-                self.send(Ready("llm", self.engine.max_len))
+                self.results.send_multipart(encode(Ready("llm", self.engine.max_len)))  # nothing is held yet
         elif isinstance(msg, Cancel):
             self.cancel(msg.id)
         elif isinstance(msg, Embeds):
+            self.open.add(msg.id)
             self.pending.append((msg, {**msg.timings, "transport_s": arrived - msg.timings.get("sent_at", arrived)}))
         else:
             self.fail(getattr(msg, "id", None),
@@ -201,4 +228,6 @@ class LLMWorker:
             self.send(error_message(rid, error))
 
     def send(self, msg: Message) -> None:
-        self.results.send_multipart(encode(msg))
+        self.frontend.send(self.results, encode(msg))
+        if isinstance(msg, (Finish, Error)):
+            self.open.discard(msg.id)

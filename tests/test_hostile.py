@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from common.messages import Error, TokenEntry, Tokens
+from common.messages import FRONTEND_SILENT_S, Error, TokenEntry, Tokens
 from common.protocol import encode
 from tests.test_server import MODEL, PNG, data_uri, image_part, start_server, stop_server
 
@@ -397,3 +397,37 @@ def test_no_socket_folder_is_left_behind(tiny_model, tmp_path):
                           "--max-new-tokens", "2"], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stderr
     assert not list(tmp_path.glob("qvl-*"))
+
+
+def test_a_stopped_front_end_has_its_requests_dropped_by_the_workers_and_is_told_when_it_returns(tiny_model):
+    """Heartbeats the other way: a front end that stops reading (SIGSTOP here; a hung or dead one alike) gets no more
+    work done for it after FRONTEND_SILENT_S, and once back it hears which requests were dropped and serves again."""
+    proc, url = start_server(tiny_model, "--max-model-len", "65536")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        expected = ask(client, NORMAL)
+        llm = worker(proc, "llm")
+
+        def endless():  # minutes of decoding on the tiny model
+            return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Go"}],
+                                                  temperature=0, max_tokens=60000, extra_body={"ignore_eos": True})
+
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(endless)
+            time.sleep(2)  # decoding is under way
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(FRONTEND_SILENT_S + 2)
+            cpu = sum(llm.cpu_times()[:2])
+            time.sleep(3)
+            idle_cpu = sum(llm.cpu_times()[:2]) - cpu
+            proc.send_signal(signal.SIGCONT)
+            with pytest.raises(openai.APIStatusError, match="the llm worker dropped the request: the front end sent "
+                                                            "no heartbeat for") as e:
+                in_flight.result(timeout=60)
+        assert e.value.status_code == 503
+        assert idle_cpu < 0.5  # a decoding worker spends all 3 s of its core
+        assert ask(client, NORMAL) == expected
+        assert llm.is_running() and worker(proc, "llm").pid == llm.pid  # nothing was restarted
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        stop_server(proc)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.messages import (Blob, Cancel, Chunk, Embeds, Error, Finish, Heartbeat, Image, Ping, PixelLimits, Ready,
+from common.messages import (Alive, Blob, Cancel, Chunk, Embeds, Error, Finish, Heartbeat, Image, Ping, PixelLimits, Ready,
                              Request, SamplingParams, TokenEntry, Tokens, Video)
 from common.protocol import VERSION, ProtocolError, assemble_chunks, decode, encode, hidden_chunks
 
@@ -43,6 +43,7 @@ MESSAGES = {
     "error": Error("r1", "ValueError: bad image", 400),
     "ready": Ready("llm", 4096),
     "heartbeat": Heartbeat("visual", 123, 0.25),
+    "alive": Alive(456),
     "ping": Ping(),
     "cancel": Cancel("r1"),
 }

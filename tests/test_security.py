@@ -106,7 +106,8 @@ def test_the_visual_workers_key_cannot_send_the_llm_workers_messages(secure, key
 def test_a_worker_started_without_the_key_is_never_admitted(secure, tiny_model):
     pipeline, _ = secure
     proc = subprocess.Popen([sys.executable, "-m", "llm_worker", "--model", str(tiny_model), "--dtype", "float32",
-                             "--results", pipeline.endpoints.results, "--embeds", pipeline.endpoints.embeds], cwd=ROOT,
+                             "--results", pipeline.endpoints.results, "--control", pipeline.endpoints.control,
+                             "--embeds", pipeline.endpoints.embeds], cwd=ROOT,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 15

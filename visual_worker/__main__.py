@@ -10,7 +10,7 @@ def main() -> None:
     p.add_argument("--requests", required=True, help="front end's requests endpoint to connect to")
     p.add_argument("--embeds", required=True, help="endpoint to bind and publish embeddings on")
     a = p.parse_args()
-    VisualWorker(start_worker(a), a.device, a.requests, a.embeds, a.results).run()
+    VisualWorker(start_worker(a), a.device, a.requests, a.embeds, a.results, a.control).run()
 
 
 if __name__ == "__main__":

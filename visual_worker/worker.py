@@ -1,6 +1,7 @@
 """The visual worker process: takes requests (prompt ids with one pad per media item, encoded images, video frames),
 preprocesses the pixels, refuses a request whose expanded prompt would not fit the LLM's context before the ViT runs,
-runs the ViT and publishes the embeddings, in hidden-dimension chunks, with the grids for the LLM worker."""
+runs the ViT and publishes the embeddings, in hidden-dimension chunks, with the grids for the LLM worker. Requests
+that arrive while the front end is silent are dropped unrun (FrontEnd)."""
 
 import io
 import os
@@ -13,10 +14,10 @@ import zmq
 from PIL import Image as PILImage
 
 from common.config import load_config
-from common.messages import Cancel, Embeds, Image, Ping, Ready, Request, Video
+from common.messages import Cancel, Embeds, Error, Image, Message, Ping, Ready, Request, Video
 from common.options import Options, parse_patch_buckets
 from common.protocol import DTYPE_NAMES, ProtocolError, decode, encode, error_message, hidden_chunks
-from common.runtime import Heartbeats, resolve_dtype
+from common.runtime import FrontEnd, FrontEndGone, Heartbeats, resolve_dtype
 from common.security import curve
 from visual_worker.preprocess import PreprocessConfig, load_image, preprocess_images, preprocess_video
 from visual_worker.tvm_backend import TvmVisionBackend
@@ -39,9 +40,11 @@ def open_image(data: bytes, max_pixels: int) -> PILImage.Image:
 
 
 class VisualWorker:
-    def __init__(self, options: Options, device: str, requests: str, embeds: str, results: str):
+    def __init__(self, options: Options, device: str, requests: str, embeds: str, results: str, control: str):
         self.curve = curve(options.curve_keys, "visual")
         self.heartbeats = Heartbeats("visual", results, self.curve)  # from the start: a stopped load shows as silence
+        self.frontend = FrontEnd(control, self.curve)
+        self.dropped: dict[str, str] = {}  # request → why it was dropped, told to the front end once it is heard
         self.config = load_config(options.model)
         self.preprocess = PreprocessConfig.from_dir(options.model)
         self.vit = VisionTransformer.from_pretrained(options.model, resolve_dtype(options.model, options.dtype), device)
@@ -66,13 +69,17 @@ class VisualWorker:
         parent = os.getppid()
         while not self.subscribed() and os.getppid() == parent:  # what is published before it is lost
             self.embeds.poll(PING_SECONDS * 1000)
-        self.results.send_multipart(encode(Ready("visual")))
+        self.results.send_multipart(encode(Ready("visual")))  # waits for the front end: nothing is held yet
         while os.getppid() == parent:
             if self.requests.poll(PING_SECONDS * 1000):
                 self.handle(self.requests.recv_multipart(copy=False))
             else:
                 self.subscribed()
                 self.embeds.send_multipart(encode(Ping()))
+            if self.dropped and not self.frontend.gone():
+                for rid, why in list(self.dropped.items()):
+                    self.send(Error(rid, why, 503))
+                    del self.dropped[rid]
 
     def subscribed(self) -> bool:
         """Reads the subscriptions that reached the embeds socket; → whether anyone (the LLM worker, a recorder) is
@@ -90,16 +97,28 @@ class VisualWorker:
             if isinstance(msg, Cancel):  # for the LLM worker; it follows the request it names on the embeds queue
                 self.embeds.send_multipart(encode(msg))
             elif isinstance(msg, Request):
+                if self.frontend.gone():
+                    raise FrontEndGone(f"the front end sent no heartbeat for {self.frontend.silent_s():.1f} s")
                 self.embeds.send_multipart(encode(self.embed(msg)), copy=False)
             else:
                 raise ProtocolError(f"the visual worker takes request and cancel messages, got {type(msg).__name__}")
+        except FrontEndGone as e:
+            print(f"visual worker: dropping request {rid}: {e}", file=sys.stderr)
+            if rid is not None:
+                self.dropped[rid] = f"the visual worker dropped the request: {e}"
         except Exception as e:  # this request fails alone; the worker goes on
             rid = rid or getattr(e, "request_id", None)
             print(f"visual worker: request {rid}: {e}", file=sys.stderr)
             if rid is not None:
-                self.results.send_multipart(encode(error_message(rid, e)))
+                try:
+                    self.send(error_message(rid, e))
+                except FrontEndGone as gone:
+                    self.dropped[rid] = f"the visual worker dropped the request: {gone}"
         finally:
             self.heartbeats.idle()
+
+    def send(self, msg: Message) -> None:
+        self.frontend.send(self.results, encode(msg))
 
     def embed(self, req: Request) -> Embeds:
         t0 = time.perf_counter()
