@@ -8,6 +8,7 @@ streams the answer; `replay FILE` feeds a recorded queue into a fresh LLM worker
     python launch.py bench [--model DIR | --url http://127.0.0.1:8000] [--concurrency 1,2,4,8]
     python launch.py eval --data MMBench_DEV_EN.tsv [--limit N] [--out preds.jsonl] [--mode mcq|open]
     python launch.py keys DIR                          # CURVE keys; then --transport tcp --curve-keys DIR
+    python launch.py compile --model DIR [--buckets 1024,4096,5120] [--target llvm|cuda] [--tune-trials N]
 """
 
 import argparse
@@ -127,6 +128,12 @@ def main(argv: list[str]) -> int:
         for path in write_keys(p.parse_args(argv[1:]).dir):
             print(path)
         return 0
+    if argv[:1] == ["compile"]:
+        from visual_worker import tvm_backend
+
+        p = argparse.ArgumentParser(prog="launch.py compile", description=tvm_backend.COMPILE_HELP)
+        tvm_backend.compile_arguments(p)
+        return tvm_backend.compile_command(p.parse_args(argv[1:]))
     if argv[:1] == ["eval"]:
         from frontend import eval as evaluation
 

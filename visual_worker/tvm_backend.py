@@ -9,6 +9,8 @@ block against itself and its two neighbours, masked to its own window (a window 
 long, so it never reaches further); full attention over the whole bucket, masked to the token's own image or frame.
 """
 
+import argparse
+import copy
 import hashlib
 import json
 import os
@@ -21,14 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.config import DTYPES, VisionConfig
 from common.layers import rotate_half
-from common.config import VisionConfig
+from common.options import Options, parse_patch_buckets
 from visual_worker.vision import Segments, VisionTransformer, make_layout
 
 DEFAULT_CACHE = Path.home() / ".cache" / "qwen-vl-disagg" / "tvm"
 CACHE_ENV = "QWEN_VL_TVM_CACHE"  # overrides DEFAULT_CACHE
 SOURCES = [Path(__file__), Path(__file__).with_name("vision.py")]  # the code that decides the compiled graph
 TARGETS = ("llvm", "cuda")
+# the dtype the compiled graph computes in, by the checkpoint's: TVM 0.27's PyTorch importer refuses bfloat16 linear
+# layers (it adds their float32 product to a bfloat16 bias), so bfloat16 runs in float32 and is cast back
+COMPUTE_DTYPES = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.float32}
 
 
 def cache_root() -> Path:
@@ -210,7 +216,27 @@ def export_graph(vit: VisionTransformer, bucket: int):
     names = list(program.graph_signature.parameters)
     mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True)
     mod, _ = relax.frontend.detach_params(mod)  # the values come from the checkpoint at run time
-    return mod, names
+    return clip_gathers(mod), names
+
+
+def clip_gathers(mod):
+    """The module with every gather (`take`) in clip mode: the importer emits fast mode, which reads out of bounds on
+    a bad index, and MetaSchedule measures each kernel on random inputs (tuning crashed on it). Clipping costs two
+    comparisons an index."""
+    import tvm
+    from tvm import relax
+
+    take = tvm.ir.Op.get("relax.take")
+
+    @relax.expr_functor.mutator
+    class ClipTake(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op == take:
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, "clip")
+            return call
+
+    return tvm.IRModule({"main": ClipTake(mod).visit_expr(mod["main"])})
 
 
 def build(mod, target, tune_trials: int, tuning_dir: Path):
@@ -290,6 +316,12 @@ class ArtifactCache:
 # The backend the worker calls
 
 
+def compute_copy(vit: VisionTransformer) -> VisionTransformer:
+    """The ViT in its compute dtype (COMPUTE_DTYPES): itself, or a converted copy."""
+    dtype = COMPUTE_DTYPES[vit.patch_embed.proj.weight.dtype]
+    return vit if dtype == vit.patch_embed.proj.weight.dtype else copy.deepcopy(vit).to(dtype)
+
+
 def tvm_device(device: str):
     import tvm
 
@@ -306,11 +338,13 @@ class TvmVisionBackend:
                  cache: ArtifactCache | None = None):
         import tvm
 
-        self.vit, self.buckets = vit, sorted(buckets)
+        self.dtype = vit.patch_embed.proj.weight.dtype  # what the embeddings leave as
+        self.vit = compute_copy(vit)
+        self.buckets = sorted(buckets)
         self.cache = cache or ArtifactCache()
         self.device = tvm_device(device)
-        self.compiled = {b: self.cache.load(vit, b, target_for_device(device), self.device) for b in self.buckets}
-        params = dict(BucketGraph(vit).named_parameters())
+        self.compiled = {b: self.cache.load(self.vit, b, target_for_device(device), self.device) for b in self.buckets}
+        params = dict(BucketGraph(self.vit).named_parameters())
         self.weights = {b: [tvm.runtime.from_dlpack(params[name].detach()) for name in c.weight_names]
                         for b, c in self.compiled.items()}
 
@@ -324,7 +358,7 @@ class TvmVisionBackend:
         """embed() through the given bucket."""
         grid = [tuple(int(v) for v in g) for g in grid_thw]
         inputs = bucket_inputs(self.vit.config, pixels.to(self.vit.patch_embed.proj.weight.dtype), grid, bucket)
-        return self.call(inputs)[: inputs.num_patches // self.vit.config.spatial_merge_size**2]
+        return self.call(inputs)[: inputs.num_patches // self.vit.config.spatial_merge_size**2].to(self.dtype)
 
     def call(self, inputs: BucketInputs) -> Tensor:
         """One compiled call → (N / 4, out_hidden) for the whole bucket, padding rows included."""
@@ -334,3 +368,43 @@ class TvmVisionBackend:
         args = [tvm.runtime.from_dlpack(t.to(device).contiguous()) for t in inputs.tensors()]
         bucket = inputs.pixels.shape[0]
         return torch.from_dlpack(self.compiled[bucket].main(*args, *self.weights[bucket]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch.py compile
+
+COMPILE_HELP = """ahead-of-time compilation of the ViT for --visual-backend tvm: one artifact per patch bucket, written to
+the cache the visual worker loads from ($QWEN_VL_TVM_CACHE, default ~/.cache/qwen-vl-disagg/tvm). The weights are
+inputs, so an artifact serves every checkpoint of the same vision config."""
+
+
+def compile_arguments(parser: argparse.ArgumentParser) -> None:
+    Options.add_arguments(parser, ("model", "dtype"))
+    parser.add_argument("--buckets", "--patch-buckets", dest="buckets", default=Options.patch_buckets,
+                        help=f"patch counts to compile for, each a multiple of 16 (default {Options.patch_buckets})")
+    parser.add_argument("--target", choices=TARGETS, default="llvm",
+                        help="llvm: this host's CPU; cuda: NVIDIA GPUs (arch from $QWEN_VL_CUDA_ARCH, default sm_80)")
+    parser.add_argument("--tune-trials", type=int, default=0,
+                        help="MetaSchedule trials per bucket (llvm; default 0: TVM's untuned build). The database "
+                             "is kept beside the cache and reused by later compiles of the same bucket")
+    parser.add_argument("--cache", type=Path, default=None, help=f"artifact folder (default: ${CACHE_ENV} or "
+                        f"{DEFAULT_CACHE})")
+
+
+def compile_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from common.runtime import resolve_dtype
+
+    buckets = parse_patch_buckets(args.buckets)
+    if args.tune_trials < 0:
+        raise ValueError(f"--tune-trials must be 0 or more, got {args.tune_trials}")
+    vit = compute_copy(VisionTransformer.from_pretrained(args.model, resolve_dtype(args.model, args.dtype)))
+    cache = ArtifactCache(args.cache)
+    with tqdm(buckets, desc="compile", unit="bucket", file=sys.stderr) as bar:
+        for bucket in bar:
+            t0 = time.perf_counter()
+            library = cache.compile(vit, bucket, args.target, args.tune_trials,
+                                    progress=lambda stage: bar.set_postfix_str(f"{bucket} patches: {stage}"))
+            bar.write(f"{bucket} patches: {library} ({time.perf_counter() - t0:.1f} s)")
+    return 0
