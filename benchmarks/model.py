@@ -1,6 +1,7 @@
 """Benchmarks our two halves against transformers' Qwen2_5_VLForConditionalGeneration on one 1280x720 image.
 
-Rows: ViT seconds, prefill seconds, decode tokens/s, peak RSS and load seconds of each half. Every measurement of a
+Rows: ViT seconds, prefill seconds, decode tokens/s, peak RSS and load seconds of each half; then our LLM half with
+its decoder weights quantized at load (--quantization int8, int4) against our bfloat16. Every measurement of a
 half runs in its own fresh subprocess (`--worker NAME`), so peak RSS is per half: ours copies only that half's
 tensors into memory; transformers maps the whole checkpoint, and the pages of it that the half touches count.
 Image preprocessing is not timed: the visual half gets random pixel values of the right shape, and the LLM half gets
@@ -9,10 +10,13 @@ cached), unless --model names a checkpoint. The machine's memory bandwidth bound
 ceiling and how close each side gets. Other processes on the machine disturb the timings; the header says how many
 cores they kept busy, and --rounds keeps each metric's best over interleaved runs.
 
-    python -m benchmarks.model [--quick] [--rounds N] [--model DIR] [--out results/model.json]
+    python -m benchmarks.model [--quick] [--rounds N] [--model DIR] [--grid T H W] [--quantized-only]
+                               [--out results/model.json]
 """
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import resource
@@ -56,6 +60,7 @@ QUICK_TEXT = {**TEXT_3B, "num_hidden_layers": 4}
 QUICK_VISION = {**VISION_3B, "depth": 4, "fullatt_block_indexes": [1, 3]}
 
 WORKERS = ("ours-visual", "transformers-visual", "ours-llm", "transformers-llm")
+QUANTIZED_WORKERS = ("ours-llm-int8", "ours-llm-int4")  # our LLM half, compared with "ours-llm" (bfloat16)
 GIB = 2**30
 
 
@@ -145,9 +150,9 @@ def load_transformers(model_dir):
 class OursGenerator:
     """Prefill = prompt embeddings with the image spliced in, M-RoPE ids, forward, first token; then engine steps."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, quantization=None):
         self.config = load_config(model_dir)
-        self.model = LanguageModel.from_pretrained(model_dir, dtype=torch.bfloat16)
+        self.model = LanguageModel.from_pretrained(model_dir, dtype=torch.bfloat16, quantization=quantization)
 
     def reset(self, prompt_tokens: int) -> None:
         """A fresh engine: a server allocates its KV cache once, so that is not part of a request's prefill."""
@@ -164,8 +169,10 @@ class OursGenerator:
 
     def bytes_per_decode_step(self, context: float) -> dict:
         """Bytes a decode step must read: every weight once (the embedding table only as the tied lm_head; an untied
-        one contributes a single row), and the keys and values of `context` cached tokens in every layer."""
-        storages = {p.data_ptr(): p.nbytes for p in self.model.parameters()}  # a tied table is one storage, read once
+        one contributes a single row; quantized codes, scales and zeros are buffers), and the keys and values of
+        `context` cached tokens in every layer."""
+        tensors = (*self.model.parameters(), *self.model.buffers())
+        storages = {t.data_ptr(): t.nbytes for t in tensors}  # a tied table is one storage, read once
         weights = sum(storages.values())
         if not self.config.text.tie_word_embeddings:
             weights -= self.model.model.embed_tokens.weight.nbytes
@@ -220,8 +227,8 @@ def time_generation(generator, hidden: int, grid, repeats: int) -> dict:
     return {"prompt_tokens": len(ids), "prefill_s": prefill_s, "decode_tok_s": steps / decode_s, "tokens": tokens + rest}
 
 
-def ours_llm(model_dir, grid, repeats) -> dict:
-    load_s, generator = timed(lambda: OursGenerator(model_dir))
+def ours_llm(model_dir, grid, repeats, quantization=None) -> dict:
+    load_s, generator = timed(lambda: OursGenerator(model_dir, quantization))
     result = time_generation(generator, generator.config.text.hidden_size, grid, repeats)
     context = result["prompt_tokens"] + DECODE_TOKENS / 2  # the mean cache length over the decode steps
     return {"load_s": load_s, **result, "decode_bytes": generator.bytes_per_decode_step(context)}
@@ -244,6 +251,8 @@ def bandwidth_worker(_model_dir, _grid, _repeats) -> dict:
 WORKER_FUNCTIONS = {
     "ours-visual": ours_visual, "transformers-visual": transformers_visual,
     "ours-llm": ours_llm, "transformers-llm": transformers_llm, "bandwidth": bandwidth_worker,
+    "ours-llm-int8": functools.partial(ours_llm, quantization="int8"),
+    "ours-llm-int4": functools.partial(ours_llm, quantization="int4"),
 }
 
 
@@ -286,10 +295,10 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_rounds(model_dir: Path, grid, repeats: int, rounds: int) -> tuple[dict[str, list[dict]], float]:
+def run_rounds(model_dir: Path, grid, repeats: int, rounds: int, workers) -> tuple[dict[str, list[dict]], float]:
     """Every worker `rounds` times, interleaved → each worker's runs, and the cores that other processes kept busy
     meanwhile on average (anything well above 0 means the timings are disturbed)."""
-    runs = {name: [] for name in (*WORKERS, "bandwidth")}
+    runs = {name: [] for name in (*workers, "bandwidth")}
     busy, ours, start = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
     for _ in range(rounds):
         for name, name_runs in runs.items():
@@ -314,16 +323,48 @@ def table_rows(results: dict) -> list[tuple[str, float, float, float]]:
     ]
 
 
+def decode_ceiling(result: dict, bandwidth: float) -> dict:
+    """What one of our LLM runs reads per decode step, the tok/s that bandwidth allows for it, and how close it got."""
+    step = result["decode_bytes"]
+    ceiling = bandwidth / (step["weights"] + step["kv_cache"])
+    return {"weights_gb": step["weights"] / 1e9, "kv_cache_gb": step["kv_cache"] / 1e9, "ceiling_tok_s": ceiling,
+            "fraction": result["decode_tok_s"] / ceiling}
+
+
 def bandwidth_ceiling(results: dict, bandwidth: float) -> dict:
-    step = results["ours-llm"]["decode_bytes"]
-    step_bytes = step["weights"] + step["kv_cache"]
-    ceiling = bandwidth / step_bytes
+    ours = decode_ceiling(results["ours-llm"], bandwidth)
     return {
-        "bandwidth_gb_s": bandwidth / 1e9, "weights_gb": step["weights"] / 1e9, "kv_cache_gb": step["kv_cache"] / 1e9,
-        "ceiling_tok_s": ceiling,
-        "ours_fraction": results["ours-llm"]["decode_tok_s"] / ceiling,
-        "transformers_fraction": results["transformers-llm"]["decode_tok_s"] / ceiling,
+        "bandwidth_gb_s": bandwidth / 1e9, "weights_gb": ours["weights_gb"], "kv_cache_gb": ours["kv_cache_gb"],
+        "ceiling_tok_s": ours["ceiling_tok_s"], "ours_fraction": ours["fraction"],
+        "transformers_fraction": results["transformers-llm"]["decode_tok_s"] / ours["ceiling_tok_s"],
     }
+
+
+def quantized_rows(results: dict, bandwidth: float) -> list[tuple[str, float, float, float]]:
+    """(label, bfloat16, int8, int4) for our LLM half: the timings, memory, and each decode's bandwidth ceiling."""
+    runs = [results[name] for name in ("ours-llm", *QUANTIZED_WORKERS)]
+    limits = [decode_ceiling(run, bandwidth) for run in runs]
+    bf16 = runs[0]
+    same = [sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(bf16["tokens"], run["tokens"])))
+            for run in runs]
+    return [
+        (f"decode tok/s ({DECODE_TOKENS - 1} steps)", *(run["decode_tok_s"] for run in runs)),
+        ("decode speed-up over bfloat16", *(run["decode_tok_s"] / bf16["decode_tok_s"] for run in runs)),
+        (f"prefill s ({bf16['prompt_tokens']} tokens)", *(run["prefill_s"] for run in runs)),
+        ("load s LLM half", *(run["load_s"] for run in runs)),
+        ("peak RSS LLM half GiB", *(run["peak_rss_gib"] for run in runs)),
+        ("weights read per decode step GB", *(limit["weights_gb"] for limit in limits)),
+        ("decode ceiling tok/s (bandwidth / bytes)", *(limit["ceiling_tok_s"] for limit in limits)),
+        ("decode / its ceiling", *(limit["fraction"] for limit in limits)),
+        (f"greedy tokens equal to bfloat16's (of {DECODE_TOKENS})", *same),
+    ]
+
+
+def quantized_report(rows) -> str:
+    lines = [f"our LLM half, decoder weights quantized at load (--quantization):",
+             f"{'':44}{'bfloat16':>10}{'int8':>10}{'int4':>10}"]
+    lines += [f"{label:44}" + "".join(f"{value:10.3f}" for value in values) for label, *values in rows]
+    return "\n".join(lines)
 
 
 def report(header: str, rows, limit: dict) -> str:
@@ -347,34 +388,45 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 text and 4 vision layers, a small image")
     parser.add_argument("--repeats", type=int, default=1, help="timed ViT and prefill runs per side (best is kept)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of every worker, interleaved (best is kept)")
+    parser.add_argument("--grid", type=int, nargs=3, metavar=("T", "H", "W"),
+                        help=f"the image's patch grid (default {FULL_GRID}: 1280x720; --quick {QUICK_GRID})")
+    parser.add_argument("--quantized-only", action="store_true",
+                        help="only our LLM half in bfloat16, int8 and int4 (no ViT, no transformers)")
     parser.add_argument("--out", type=Path, default=Path("results/model.json"))
     parser.add_argument("--worker", choices=sorted(WORKER_FUNCTIONS), help=argparse.SUPPRESS)
-    parser.add_argument("--grid", type=int, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return run_worker(args)
 
-    grid = QUICK_GRID if args.quick else FULL_GRID
+    grid = tuple(args.grid) if args.grid else QUICK_GRID if args.quick else FULL_GRID
     model_dir = args.model or ensure_checkpoint(args.cache / ("bench-quick-random" if args.quick else "bench-3b-random"),
                                                 args.quick)
-    runs, other_cores = run_rounds(model_dir, grid, args.repeats, args.rounds)
+    workers = ("ours-llm", *QUANTIZED_WORKERS) if args.quantized_only else (*WORKERS, *QUANTIZED_WORKERS)
+    runs, other_cores = run_rounds(model_dir, grid, args.repeats, args.rounds, workers)
     results = {name: best_of(name_runs) for name, name_runs in runs.items()}
-    limit = bandwidth_ceiling(results, results["bandwidth"]["bytes_per_s"])
-    rows = table_rows(results)
+    bandwidth = results["bandwidth"]["bytes_per_s"]
     text = load_config(model_dir).text
     t, h, w = grid
     header = (
         f"{model_dir} ({text.num_hidden_layers} text layers, hidden {text.hidden_size}), bfloat16, "
         f"{results['ours-llm']['threads']} threads, best of {args.rounds} round(s); other processes kept "
         f"{other_cores:.2f} cores busy meanwhile\nimage grid {grid}: {t * h * w} patches, {t * h * w // 4} visual "
-        f"tokens (preprocessing not timed); greedy {DECODE_TOKENS} tokens, no EOS stop; "
-        f"same greedy tokens: {results['ours-llm']['tokens'] == results['transformers-llm']['tokens']}"
+        f"tokens (preprocessing not timed); greedy {DECODE_TOKENS} tokens, no EOS stop"
     )
-    print(report(header, rows, limit))
+    record = {"model": str(model_dir), "grid": grid, "other_processes_cores": other_cores, "runs": runs}
+    if args.quantized_only:
+        print(header)
+    else:
+        limit = bandwidth_ceiling(results, bandwidth)
+        rows = table_rows(results)
+        same = results["ours-llm"]["tokens"] == results["transformers-llm"]["tokens"]
+        print(report(f"{header}; same greedy tokens: {same}", rows, limit))
+        record.update(rows=[dict(zip(("row", "ours", "transformers", "ratio"), r)) for r in rows], decode_limit=limit)
+    quantized = quantized_rows(results, bandwidth)
+    print(quantized_report(quantized))
+    print(f"memory read bandwidth (sum over 1 GiB, best of 5): {bandwidth / 1e9:.1f} GB/s")
+    record["quantized_rows"] = [dict(zip(("row", "bfloat16", "int8", "int4"), r)) for r in quantized]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model": str(model_dir), "grid": grid, "rows": [dict(zip(("row", "ours", "transformers", "ratio"), r))
-                                                               for r in rows],
-              "decode_limit": limit, "other_processes_cores": other_cores, "runs": runs}
     args.out.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
 

@@ -19,28 +19,38 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels take
 INT4_ROWS = 16  # the CPU int4 kernel packs output channels 16 at a time (the CUDA one 8)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ GEMM: nibble i of an int32 holds output channel AWQ_ORDER[i] of its 8
 AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "zero_point": True, "version": "gemm"}  # the one AWQ layout read
+ROWS_AT_ONCE = 256  # quantizing and packing go this many output channels at a time: the float32 temporaries stay
+                    # small and are reused (a full-size one costs a first touch of fresh memory per pass, 1.5 GB/s here)
+
+
+def row_blocks(n: int):
+    return (slice(start, start + ROWS_AT_ONCE) for start in range(0, n, ROWS_AT_ONCE))
 
 
 def quantize_int8(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """w (N, K) → int8 codes (N, K) and scales (N,) in `dtype`: w ≈ codes * scales[:, None], symmetric over each
     output channel's largest magnitude. Codes are rounded against the scales as stored, so the kernel's weight is
     exactly codes * scales."""
-    w = w.float()
-    scales = (w.abs().amax(1) / 127).to(dtype).clamp(min=torch.finfo(dtype).tiny)  # an all-zero row gets codes 0
-    codes = (w / scales.float()[:, None]).round().clamp(-127, 127)
-    return codes.to(torch.int8), scales
+    scales = (w.abs().amax(1).float() / 127).to(dtype).clamp(min=torch.finfo(dtype).tiny)  # all-zero row: codes 0
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for rows in row_blocks(w.shape[0]):
+        codes[rows] = w[rows].float().div_(scales[rows].float()[:, None]).round_().clamp_(-127, 127)
+    return codes, scales
 
 
 def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """w (N, K) → codes (N, K) uint8 in 0..15, scales and zeros (N, K / group_size) in `dtype`, asymmetric over each
     group's min..max, in the int4 kernels' convention: w ≈ (codes - 8) * scale + zero (the zero is w at code 8)."""
     N, K = w.shape
-    groups = w.float().view(N, K // group_size, group_size)
-    lo, hi = groups.amin(-1), groups.amax(-1)
+    lo, hi = (bound.float() for bound in torch.aminmax(w.view(N, K // group_size, group_size), dim=-1))
     scales = ((hi - lo) / 15).to(dtype).clamp(min=torch.finfo(dtype).tiny)
     zeros = (lo + 8 * scales.float()).to(dtype)
-    codes = ((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8).round().clamp(0, 15)
-    return codes.view(N, K).to(torch.uint8), scales, zeros
+    codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    for rows in row_blocks(N):
+        groups = w[rows].float().view(-1, K // group_size, group_size)
+        groups.sub_(zeros[rows].float()[..., None]).div_(scales[rows].float()[..., None]).add_(8).round_().clamp_(0, 15)
+        codes[rows] = groups.view(-1, K)
+    return codes, scales, zeros
 
 
 def unpack_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,8 +177,9 @@ class Int4Linear(nn.Module):
             raise ValueError(f"the int4 kernel packs output channels {INT4_ROWS} at a time: tensor {name!r} has {N}; "
                              "use --quantization int8 for this checkpoint")
         inner_k_tiles = next(tiles for tiles in (8, 4, 2) if K % (16 * tiles) == 0)  # K is a multiple of 32
-        if codes.device.type == "cpu":
-            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), inner_k_tiles)
+        if codes.device.type == "cpu":  # packed 256 rows at a time, which packs each row as the whole matrix would
+            weight = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[rows].to(torch.int32), inner_k_tiles)
+                                for rows in row_blocks(N)])
         else:
             if scales.dtype != torch.bfloat16:
                 raise ValueError(f"int4 on {codes.device.type} runs in bfloat16, not {scales.dtype} (--dtype bfloat16)")
