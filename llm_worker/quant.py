@@ -34,7 +34,7 @@ def quantize_int8(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     scales = (w.abs().amax(1).float() / 127).to(dtype).clamp(min=torch.finfo(dtype).tiny)  # all-zero row: codes 0
     codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     for rows in row_blocks(w.shape[0]):
-        codes[rows] = w[rows].float().div_(scales[rows].float()[:, None]).round_().clamp_(-127, 127)
+        codes[rows] = w[rows].to(torch.float32, copy=True).div_(scales[rows].float()[:, None]).round_().clamp_(-127, 127)
     return codes, scales
 
 
@@ -47,7 +47,7 @@ def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype) -> tuple[Tenso
     zeros = (lo + 8 * scales.float()).to(dtype)
     codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     for rows in row_blocks(N):
-        groups = w[rows].float().view(-1, K // group_size, group_size)
+        groups = w[rows].to(torch.float32, copy=True).view(-1, K // group_size, group_size)
         groups.sub_(zeros[rows].float()[..., None]).div_(scales[rows].float()[..., None]).add_(8).round_().clamp_(0, 15)
         codes[rows] = groups.view(-1, K)
     return codes, scales, zeros
@@ -130,7 +130,8 @@ def quantize_linears(layers: nn.Module, tensors: dict[str, Tensor], prefix: str)
     for name, module in list(layers.named_modules()):
         stored = f"{prefix}{name}."
         if isinstance(module, nn.Linear) and stored + "scales" in tensors:
-            codes, scales, bias = tensors.pop(stored + "weight"), tensors.pop(stored + "scales"), tensors.get(stored + "bias")
+            codes, scales = tensors.pop(stored + "weight"), tensors.pop(stored + "scales")
+            bias = tensors.get(stored + "bias")
             if stored + "zeros" in tensors:
                 quantized = Int4Linear.from_codes(codes, scales, tensors.pop(stored + "zeros"), bias, stored + "weight")
             else:
@@ -178,8 +179,8 @@ class Int4Linear(nn.Module):
                              "use --quantization int8 for this checkpoint")
         inner_k_tiles = next(tiles for tiles in (8, 4, 2) if K % (16 * tiles) == 0)  # K is a multiple of 32
         if codes.device.type == "cpu":  # packed 256 rows at a time, which packs each row as the whole matrix would
-            weight = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[rows].to(torch.int32), inner_k_tiles)
-                                for rows in row_blocks(N)])
+            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            weight = torch.cat([pack(codes[rows].to(torch.int32), inner_k_tiles) for rows in row_blocks(N)])
         else:
             if scales.dtype != torch.bfloat16:
                 raise ValueError(f"int4 on {codes.device.type} runs in bfloat16, not {scales.dtype} (--dtype bfloat16)")

@@ -178,7 +178,8 @@ def write_awq_checkpoint(float_dir, out, dequantized_out, seed=0):
         w = (codes - zeros.repeat_interleave(128, 0)) * scales.float().repeat_interleave(128, 0)  # (K, N)
         dequantized[name] = w.T.contiguous()
     config = json.loads((float_dir / "config.json").read_text())
-    for directory, state, extra in ((out, awq, {"quantization_config": AWQ_QUANTIZATION_CONFIG}), (dequantized_out, dequantized, {})):
+    for directory, state, extra in ((out, awq, {"quantization_config": AWQ_QUANTIZATION_CONFIG}),
+                                    (dequantized_out, dequantized, {})):
         directory.mkdir()
         save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
         (directory / "config.json").write_text(json.dumps({**config, **extra}))
@@ -201,7 +202,8 @@ def test_an_awq_checkpoint_loads_as_int4_and_matches_its_dequantized_weights(awq
 
 def test_int4_on_an_awq_checkpoint_changes_nothing_and_int8_is_refused(awq_model):
     awq_dir, _ = awq_model
-    assert isinstance(LanguageModel.from_pretrained(awq_dir, torch.float32, quantization="int4").model.layers[0].mlp.down_proj, Int4Linear)
+    model = LanguageModel.from_pretrained(awq_dir, torch.float32, quantization="int4")
+    assert all(isinstance(linear, Int4Linear) for linear in projections(model))
     with pytest.raises(ValueError, match="AWQ checkpoint, which loads as int4"):
         LanguageModel.from_pretrained(awq_dir, torch.float32, quantization="int8")
 
