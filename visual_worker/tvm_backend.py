@@ -373,8 +373,8 @@ class TvmVisionBackend:
 # ---------------------------------------------------------------------------------------------------------------
 # launch.py compile
 
-COMPILE_HELP = """ahead-of-time compilation of the ViT for --visual-backend tvm: one artifact per patch bucket, written to
-the cache the visual worker loads from ($QWEN_VL_TVM_CACHE, default ~/.cache/qwen-vl-disagg/tvm). The weights are
+COMPILE_HELP = """ahead-of-time compilation of the ViT for --visual-backend tvm: one artifact per patch bucket, written
+to the cache the visual worker loads from ($QWEN_VL_TVM_CACHE, default ~/.cache/qwen-vl-disagg/tvm). The weights are
 inputs, so an artifact serves every checkpoint of the same vision config."""
 
 
@@ -386,7 +386,8 @@ def compile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llvm: this host's CPU; cuda: NVIDIA GPUs (arch from $QWEN_VL_CUDA_ARCH, default sm_80)")
     parser.add_argument("--tune-trials", type=int, default=0,
                         help="MetaSchedule trials per bucket (llvm; default 0: TVM's untuned build). The database "
-                             "is kept beside the cache and reused by later compiles of the same bucket")
+                             "is kept beside the cache and reused by later compiles of the same bucket. With "
+                             "apache-tvm 0.27.0.post1 tuning crashed here before its first trial (README)")
     parser.add_argument("--cache", type=Path, default=None, help=f"artifact folder (default: ${CACHE_ENV} or "
                         f"{DEFAULT_CACHE})")
 
