@@ -32,9 +32,10 @@ def quantize_int8(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     output channel's largest magnitude. Codes are rounded against the scales as stored, so the kernel's weight is
     exactly codes * scales."""
     scales = (w.abs().amax(1).float() / 127).to(dtype).clamp(min=torch.finfo(dtype).tiny)  # all-zero row: codes 0
+    inverse = 1 / scales.float()[:, None]
     codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     for rows in row_blocks(w.shape[0]):
-        codes[rows] = w[rows].to(torch.float32, copy=True).div_(scales[rows].float()[:, None]).round_().clamp_(-127, 127)
+        codes[rows] = torch.mul(w[rows], inverse[rows]).round_().clamp_(-127, 127)  # float32 whatever w's dtype
     return codes, scales
 
 
@@ -45,11 +46,12 @@ def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype) -> tuple[Tenso
     lo, hi = (bound.float() for bound in torch.aminmax(w.view(N, K // group_size, group_size), dim=-1))
     scales = ((hi - lo) / 15).to(dtype).clamp(min=torch.finfo(dtype).tiny)
     zeros = (lo + 8 * scales.float()).to(dtype)
+    inverse = 1 / scales.float()[..., None]
+    offset = 8 - zeros.float()[..., None] * inverse  # code = (w - zero) / scale + 8 = w * inverse + offset
     codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     for rows in row_blocks(N):
-        groups = w[rows].to(torch.float32, copy=True).view(-1, K // group_size, group_size)
-        groups.sub_(zeros[rows].float()[..., None]).div_(scales[rows].float()[..., None]).add_(8).round_().clamp_(0, 15)
-        codes[rows] = groups.view(-1, K)
+        groups = torch.addcmul(offset[rows], w[rows].view(-1, K // group_size, group_size), inverse[rows])  # float32
+        codes[rows] = groups.round_().clamp_(0, 15).view(-1, K)
     return codes, scales, zeros
 
 
