@@ -24,7 +24,7 @@ import zmq
 
 from common.messages import Embeds, PixelLimits, Ping, SamplingParams
 from common.options import Options
-from common.protocol import decode, encode
+from common.protocol import BROADCAST, decode, encode, topic
 from frontend.media import MediaPolicy, fetch_image, read_video
 from frontend.pipeline import READY_TIMEOUT_S, Pipeline, collect
 from frontend.processes import WorkerDied
@@ -98,16 +98,23 @@ def replay(args) -> int:
         pub = zmq.Context.instance().socket(zmq.PUB)
         if options.curve_keys is not None:  # the LLM worker connects to what it takes for the visual worker
             Curve(options.curve_keys, "visual").serve(pub)
-        pub.bind(pipeline.endpoints.embeds)
+        pub.bind(pipeline.endpoints.embeds[0])
         pipeline.start(("llm",))
         # the LLM worker reports ready once a ping has reached it
-        pipeline.wait_ready(("llm",), idle=lambda: pub.send_multipart(encode(Ping())))
+        pipeline.wait_ready(("llm",), idle=lambda: pub.send_multipart([BROADCAST, *encode(Ping())]))
+        llm = pipeline.ready("llm")[0]
+
+        def publish(frames: list[bytes], msg) -> None:
+            if isinstance(msg, Embeds):
+                pipeline.track(msg.id, llm)
+            pub.send_multipart([topic(llm), *frames])
+
         for frames in recording:
             msg = decode(frames)
             if isinstance(msg, Embeds):  # its answer is printed before the next message goes
-                print_result(collect(pipeline, msg, write, send=lambda _: pub.send_multipart(frames)), args.json)
+                print_result(collect(pipeline, msg, write, send=lambda m: publish(frames, m)), args.json)
             else:
-                pub.send_multipart(frames)
+                publish(frames, msg)
         pub.close(linger=0)
         return 0
     finally:

@@ -1,5 +1,7 @@
-"""Model configuration read from a Hugging Face Qwen2.5-VL checkpoint's config.json (transformers 4.x and 5.x layouts)."""
+"""Model configuration read from a Hugging Face Qwen2.5-VL checkpoint's config.json (transformers 4.x and 5.x layouts),
+and the identity of a checkpoint."""
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,3 +99,19 @@ def load_config(model_dir) -> ModelConfig:
     vision = _pick(VisionConfig, vision_raw, rope_theta=vision_rope.get("rope_theta", 10000.0))
     dtype = raw.get("dtype") or raw.get("torch_dtype") or text_raw.get("torch_dtype") or "bfloat16"
     return _pick(ModelConfig, raw, text=text, vision=vision, dtype=dtype)
+
+
+def model_identity(model_dir) -> str:
+    """A digest of what makes two workers' answers agree: config.json and each tensor file's size, header and first and
+    last MiB (random or trained weights of one shape differ there). The front end refuses a worker whose model's
+    digest is not its own."""
+    d = Path(model_dir)
+    h = hashlib.sha256((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            h.update(f"{f.name}:{size}".encode())
+            h.update(fh.read(2**20))
+            fh.seek(max(0, size - 2**20))
+            h.update(fh.read(2**20))
+    return h.hexdigest()[:16]

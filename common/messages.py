@@ -6,6 +6,10 @@ every other field is checked against its declared type when a message arrives, n
     front end ──Request──▶ visual worker ──Embeds / Cancel / Ping──▶ LLM worker ──Tokens / Finish──▶ front end
     any worker ──Error / Ready / Heartbeat──▶ front end;  front end ──Cancel──▶ visual worker (→ LLM worker)
     front end ──Alive──▶ every worker (its control socket)
+
+With many workers of each kind, a Request names the LLM worker the front end chose for it (the visual worker
+publishes its Embeds under that name), and every message to the front end comes after a frame naming its sender
+(common/protocol.py).
 """
 
 from typing import Annotated, Literal
@@ -14,6 +18,8 @@ from msgspec import Meta, Struct
 from torch import Tensor
 
 Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+WorkerName = Annotated[str, Meta(pattern=r"^(visual|llm)-[A-Za-z0-9_.-]{1,64}$")]  # role-instance: visual-0, llm-1
+LLMName = Annotated[str, Meta(pattern=r"^llm-[A-Za-z0-9_.-]{1,64}$")]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Grid = tuple[Annotated[int, Meta(ge=1, le=2**16)], Annotated[int, Meta(ge=1, le=2**16)], Annotated[int, Meta(ge=1, le=2**16)]]
 MAX_NEW_TOKENS = 2**31 - 1
@@ -94,6 +100,7 @@ class Request(Struct, tag="request", forbid_unknown_fields=True):
     sampling: SamplingParams
     pixels: PixelLimits = PixelLimits()
     max_prompt_tokens: Count = MAX_NEW_TOKENS  # refused before the ViT when the expanded prompt is longer
+    llm: LLMName = "llm-0"  # the LLM worker that decodes it
 
 
 class Chunk(Struct, array_like=True, forbid_unknown_fields=True):
@@ -148,24 +155,31 @@ class Error(Struct, tag="error", forbid_unknown_fields=True):
 
 
 class Ready(Struct, tag="ready", forbid_unknown_fields=True):
-    worker: Literal["visual", "llm"]
+    """Worker → front end once it can serve: what it is, so that the front end admits it or refuses it."""
+
+    model: str  # common/checkpoint.py model_identity: a worker of another model is refused
+    device: str
+    capacity: Count = 1  # requests it works on at once (the LLM worker's batch rows)
     context_len: Count = 0  # the LLM worker's tokens per request (prompt + output)
 
 
 class Heartbeat(Struct, tag="heartbeat", forbid_unknown_fields=True):
     """Worker → front end every HEARTBEAT_S from a thread of its own: the process is alive and not stopped; busy_s
-    is how long its loop has been inside one piece of work (a stuck worker's grows without end)."""
+    is how long its loop has been inside one piece of work (a stuck worker's grows without end). A visual worker
+    names the LLM workers subscribed to its embeddings: the front end pairs a request's workers only among those."""
 
-    worker: Literal["visual", "llm"]
     pid: Count
     busy_s: Annotated[float, Meta(ge=0)] = 0.0
+    subscribers: list[LLMName] = []
 
 
 class Alive(Struct, tag="alive", forbid_unknown_fields=True):
     """Front end → every worker on its control socket every HEARTBEAT_S from a thread of its own: a worker that hears
-    none for FRONTEND_SILENT_S drops the requests it holds rather than compute answers nobody reads."""
+    none for FRONTEND_SILENT_S drops the requests it holds rather than compute answers nobody reads. `embeds` are the
+    visual workers' endpoints, which every LLM worker subscribes to."""
 
     pid: Count
+    embeds: list[str] = []
 
 
 class Ping(Struct, tag="ping", forbid_unknown_fields=True):
@@ -177,6 +191,7 @@ class Cancel(Struct, tag="cancel", forbid_unknown_fields=True):
     """Front end → visual worker → LLM worker, in order behind the request it names."""
 
     id: str
+    llm: LLMName = "llm-0"
 
 
 Message = Request | Embeds | Tokens | Finish | Error | Ready | Heartbeat | Alive | Ping | Cancel

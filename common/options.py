@@ -3,6 +3,7 @@ llm_worker`), declared once: each field of `Options` is one command-line flag, p
 passed on to worker processes by `Options.argv`."""
 
 import argparse
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -20,8 +21,11 @@ class Options:
     quantization: str | None = field(default=None, metadata={
         "help": "the LLM worker's decoder weights, quantized at load: int8 (one scale per output channel) or int4 "
                 "(groups of 128); an AWQ checkpoint is int4 without it", "choices": ["int8", "int4"]})
-    visual_device: str = field(default="cpu", metadata={"help": "the visual worker's device: cpu or cuda:N"})
-    llm_device: str = field(default="cpu", metadata={"help": "the LLM worker's device: cpu or cuda:N"})
+    visual_workers: int = field(default=1, metadata={"help": "visual worker processes to start", "type": int})
+    llm_workers: int = field(default=1, metadata={"help": "LLM worker processes to start", "type": int})
+    visual_devices: str = field(default="cpu", metadata={
+        "help": "the visual workers' devices, comma-separated (cpu, cuda:N), taken in turn: cpu,cuda:0"})
+    llm_devices: str = field(default="cpu", metadata={"help": "the LLM workers' devices, as --visual-devices"})
     chunk_width: int = field(default=640, metadata={
         "help": "image_embeds travel split along the hidden dimension into chunks this wide", "type": int})
     max_batch: int = field(default=8, metadata={"help": "requests the LLM worker decodes together", "type": int})
@@ -64,10 +68,19 @@ class Options:
 
     def check(self) -> None:
         """Values argparse cannot check on its own; a ValueError says which flag is wrong."""
-        for name in ("chunk_width", "max_batch", "max_model_len", "max_image_pixels"):
+        for name in ("chunk_width", "max_batch", "max_model_len", "max_image_pixels", "visual_workers", "llm_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         parse_patch_buckets(self.patch_buckets)
+        for role in ("visual", "llm"):
+            bad = [d for d in self.devices(role) if not re.fullmatch(r"cpu|cuda(:\d+)?", d)]
+            if bad:
+                raise ValueError(f"--{role}-devices takes cpu or cuda:N, comma-separated; got {', '.join(bad)}")
+
+    def devices(self, role: str) -> list[str]:
+        """The devices of the role's workers, one per worker, the list taken in turn."""
+        listed = [d.strip() for d in getattr(self, f"{role}_devices").split(",")]
+        return [listed[i % len(listed)] for i in range(getattr(self, f"{role}_workers"))]
 
 
 def parse_patch_buckets(text: str) -> list[int]:

@@ -2,7 +2,8 @@
 and whose further frames are the raw bytes of the message's tensors and blobs, in the order the header names them
 (zero-copy both ways, never pickle). `decode` checks the version, every field against its declared type, every
 tensor's dtype, shape and byte count, and that each frame is used exactly once; anything off is a ProtocolError
-naming the request when the header named one. image_embeds travel as hidden-dimension chunks (`split_hidden_chunks`,
+naming the request when the header named one. A message to the front end comes after a frame naming its sender
+(`decode_sent`), one on the embeds socket after a frame naming the LLM worker it is for (`topic`). image_embeds travel as hidden-dimension chunks (`split_hidden_chunks`,
 `assemble_chunks`)."""
 
 import math
@@ -14,9 +15,9 @@ import torch
 from torch import Tensor
 
 from common.config import DTYPES as MODEL_DTYPES
-from common.messages import Blob, Chunk, Embeds, Error, Message
+from common.messages import Blob, Chunk, Embeds, Error, Message, WorkerName
 
-VERSION = 3
+VERSION = 4
 DTYPES = {**MODEL_DTYPES, "uint8": torch.uint8, "int64": torch.int64}  # what a tensor frame may hold
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_DIMS = 8
@@ -136,6 +137,26 @@ def decode(frames: list) -> Message:
         raise ProtocolError(f"{type(msg).__name__} message: {unused} of its {len(frames) - 1} data frames are not "
                             "named by the header", rid)
     return msg
+
+
+def topic(llm: str) -> bytes:
+    """The first frame of an Embeds or Cancel on the embeds socket: the LLM worker it is for (subscriptions are
+    prefix matches, so the name is closed by a NUL). BROADCAST (Ping) reaches every LLM worker."""
+    return llm.encode() + b"\0"
+
+
+BROADCAST = b"\0"
+
+
+def decode_sent(frames: list) -> tuple[str, Message]:
+    """A message to the front end, [sender's name, header, *data frames] → (name, message)."""
+    if len(frames) < 2:
+        raise ProtocolError("a message to the front end starts with a frame naming its sender")
+    try:
+        name = msgspec.convert(bytes(frames[0]).decode(), WorkerName)
+    except (UnicodeDecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"the sender frame is not a worker name: {e}") from None
+    return name, decode(frames[1:])
 
 
 def error_message(request_id: str, error: Exception) -> Error:

@@ -10,21 +10,25 @@ import sys
 import threading
 import time
 
+import msgspec
 import torch
 import zmq
 
 from common.config import DTYPES, load_config
-from common.messages import FRONTEND_SILENT_S, HEARTBEAT_S, Alive, Heartbeat
+from common.messages import FRONTEND_SILENT_S, HEARTBEAT_S, Alive, Heartbeat, WorkerName
 from common.options import Options
 from common.protocol import ProtocolError, decode, encode
 from common.security import Curve
 
 
-def worker_parser(description: str, names: tuple[str, ...]) -> argparse.ArgumentParser:
+def worker_parser(role: str, description: str, names: tuple[str, ...]) -> argparse.ArgumentParser:
     """The command line of `python -m visual_worker` / `python -m llm_worker`: the named shared options, then the
     worker's own; the caller adds its endpoints."""
     p = argparse.ArgumentParser(description=description)
     Options.add_arguments(p, names)
+    p.set_defaults(role=role)
+    p.add_argument("--name", default=f"{role}-0", help=f"this worker's name, unique among the front end's workers "
+                                                       f"({role}-0, {role}-1, ...: {role}- then letters, digits, _.-)")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--results", required=True, help="front end's results endpoint to connect to")
     p.add_argument("--control", required=True, help="front end's control endpoint (its heartbeats) to connect to")
@@ -37,6 +41,12 @@ def start_worker(args: argparse.Namespace) -> Options:
     """Applies the worker-process flags (dying with the parent, threads) and returns the checked shared options."""
     if args.exit_with_parent:
         die_with_parent()
+    try:
+        if not args.name.startswith(args.role + "-"):
+            raise msgspec.ValidationError
+        msgspec.convert(args.name, WorkerName)
+    except msgspec.ValidationError:
+        sys.exit(f"--name must be {args.role}- then 1-64 letters, digits or _.-, got {args.name!r}")
     if args.threads is not None:
         # Two workers on one host each wanting every core make both wait on each other's threads: a CPU op whose
         # threads are not all scheduled stalls for milliseconds, so the launcher gives each worker its share.
@@ -66,10 +76,11 @@ def die_with_parent() -> None:
 class Heartbeats:
     """A thread with a socket of its own that sends a Heartbeat to the front end every HEARTBEAT_S. The worker loop
     calls `busy()` when it starts a piece of work and `idle()` when done, so a loop stuck inside one shows as a
-    growing busy_s while a stopped or dead process shows as silence."""
+    growing busy_s while a stopped or dead process shows as silence; a visual worker keeps `subscribers` current."""
 
-    def __init__(self, worker: str, results: str, curve: Curve | None):
-        self.worker, self.started = worker, None
+    def __init__(self, name: str, results: str, curve: Curve | None):
+        self.name, self.started = name.encode(), None
+        self.subscribers: list[str] = []
         self.socket = zmq.Context.instance().socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 4)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -90,7 +101,8 @@ class Heartbeats:
             started = self.started
             busy = 0.0 if started is None else time.monotonic() - started
             try:
-                self.socket.send_multipart(encode(Heartbeat(self.worker, pid, busy)), flags=zmq.NOBLOCK)
+                beat = Heartbeat(pid, busy, list(self.subscribers))
+                self.socket.send_multipart([self.name, *encode(beat)], flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the front end is not reading: it learns nothing new from a queue of heartbeats
             time.sleep(HEARTBEAT_S)
@@ -114,6 +126,7 @@ class FrontEnd:
         self.socket.connect(control)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.heard_at = time.monotonic()
+        self.embeds: list[str] = []  # the visual workers' endpoints, as the front end last named them
 
     def silent_s(self) -> float:
         while self.socket.poll(0):
@@ -123,7 +136,7 @@ class FrontEnd:
                 print(f"dropped a control message that broke the protocol: {e}", file=sys.stderr)
                 continue
             if isinstance(msg, Alive):
-                self.heard_at = time.monotonic()
+                self.heard_at, self.embeds = time.monotonic(), msg.embeds
             else:
                 print(f"dropped a {type(msg).__name__} message on the control socket", file=sys.stderr)
         return time.monotonic() - self.heard_at

@@ -28,14 +28,14 @@ class WorkerDied(RuntimeError):
 
 
 class Endpoints:
-    """The four socket addresses of one pipeline: ipc sockets in a folder only this user can open (removed by
-    `close`), or tcp ports on 127.0.0.1."""
+    """The socket addresses of one pipeline (the front end's requests, results and control, and each visual worker's
+    embeds): ipc sockets in a folder only this user can open (removed by `close`), or tcp ports on 127.0.0.1."""
 
-    def __init__(self, transport: str):
+    def __init__(self, transport: str, visual_workers: int = 1):
         self.transport = transport
         self.dir = tempfile.mkdtemp(prefix="qvl-")  # mode 0700
-        self.requests, self.results, self.embeds, self.control = (
-            self._free(name) for name in ("requests", "results", "embeds", "control"))
+        self.requests, self.results, self.control = (self._free(name) for name in ("requests", "results", "control"))
+        self.embeds = [self._free(f"embeds-{i}") for i in range(visual_workers)]
 
     def _free(self, name: str) -> str:
         if self.transport == "ipc":
@@ -52,13 +52,17 @@ class Endpoints:
 
 @dataclass
 class Worker:
-    name: str  # "visual" or "llm"
+    name: str  # visual-0, llm-1, ...
     command: list[str]
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     restarts: int = 0  # in a row, without a stable run between them
     next_start_at: float = 0.0
     log: list[str] = field(default_factory=list)  # why it was restarted, newest last
+
+    @property
+    def role(self) -> str:
+        return self.name.split("-")[0]
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.command, cwd=ROOT)
@@ -75,24 +79,23 @@ class Worker:
 
 
 class Workers:
-    """The visual and LLM worker processes of one pipeline. Each dies with this process; `check` raises WorkerDied
-    naming one that has exited; `restart` brings one back after its backoff."""
+    """The worker processes of one pipeline, named visual-0.. and llm-0..; each dies with this process; `check`
+    raises WorkerDied naming one that has exited; `restart_due` brings one back after its backoff."""
 
     def __init__(self, options: Options, endpoints: Endpoints):
-        threads = str(max(1, (os.cpu_count() or 2) // 2))  # the two workers share this host's cores
-        common = [sys.executable, "-m"]
-        tail = ["--results", endpoints.results, "--control", endpoints.control, "--threads", threads, "--exit-with-parent"]
-        self.workers = {
-            "visual": Worker("visual", [*common, "visual_worker", *options.argv(VISUAL_OPTIONS), "--device",
-                                        options.visual_device, "--requests", endpoints.requests, "--embeds",
-                                        endpoints.embeds, *tail]),
-            "llm": Worker("llm", [*common, "llm_worker", *options.argv(LLM_OPTIONS), "--device", options.llm_device,
-                                  "--embeds", endpoints.embeds, *tail]),
-        }
-
-    def start(self, names: tuple[str, ...] = ("visual", "llm")) -> None:
-        for name in names:
-            self.workers[name].start()
+        count = options.visual_workers + options.llm_workers
+        threads = str(max(1, (os.cpu_count() or 2) // count))  # the workers share this host's cores
+        tail = ["--results", endpoints.results, "--control", endpoints.control, "--threads", threads,
+                "--exit-with-parent"]
+        self.workers = {}
+        for i, (device, embeds) in enumerate(zip(options.devices("visual"), endpoints.embeds)):
+            self.workers[f"visual-{i}"] = Worker(f"visual-{i}", [
+                sys.executable, "-m", "visual_worker", *options.argv(VISUAL_OPTIONS), "--name", f"visual-{i}",
+                "--device", device, "--requests", endpoints.requests, "--embeds", embeds, *tail])
+        for i, device in enumerate(options.devices("llm")):
+            self.workers[f"llm-{i}"] = Worker(f"llm-{i}", [
+                sys.executable, "-m", "llm_worker", *options.argv(LLM_OPTIONS), "--name", f"llm-{i}", "--device",
+                device, *tail])
 
     def started(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.process is not None]

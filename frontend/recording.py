@@ -25,13 +25,15 @@ def _crc(frames: list[bytes]) -> int:
 
 
 class Recorder:
-    """Subscribes to the embeds queue and writes every Embeds and Cancel message to a file as it goes."""
+    """Subscribes to every visual worker's embeds queue and writes every Embeds and Cancel message (without its topic
+    frame) to a file as it goes."""
 
-    def __init__(self, endpoint: str, path: str, curve: Curve | None):
+    def __init__(self, endpoints: list[str], path: str, curve: Curve | None):
         self.sub = zmq.Context.instance().socket(zmq.SUB)
         if curve is not None:
             curve.connect_to(self.sub, "visual")
-        self.sub.connect(endpoint)
+        for endpoint in endpoints:
+            self.sub.connect(endpoint)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.file = open(path, "wb")
         self.file.write(msgpack.packb({"format": FORMAT, "protocol": VERSION}))
@@ -39,7 +41,7 @@ class Recorder:
 
     def poll(self) -> None:
         while self.sub.poll(0):
-            frames = self.sub.recv_multipart()
+            frames = self.sub.recv_multipart()[1:]  # after the topic frame
             msg = decode(frames)
             self.live = self.live or isinstance(msg, Ping)
             if isinstance(msg, (Embeds, Cancel)):

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import uvicorn
-import zmq
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -31,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.messages import MAX_NEW_TOKENS, MAX_SEED, Error, Finish, PixelLimits, Result, SamplingParams, TokenEntry
 from common.options import Options
 from frontend.media import MediaError, MediaPolicy, fetch_image, image_size, read_video
-from frontend.pipeline import Pipeline
+from frontend.pipeline import NoWorker, Pipeline, choose_workers
 from frontend.processes import WorkerDied
 from frontend.prompt import Prompter
 
@@ -120,7 +119,6 @@ class Router:
     def __init__(self, pipeline: Pipeline, loop: asyncio.AbstractEventLoop):
         self.pipeline, self.loop = pipeline, loop
         self.queues: dict[str, asyncio.Queue] = {}
-        self.decoding: set[str] = set()  # requests that have had a token: the LLM worker holds them
         self.lock = threading.Lock()
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self.run, name="results-router", daemon=True)
@@ -143,28 +141,32 @@ class Router:
 
     def worker_died(self, e: WorkerDied) -> None:
         wait = self.pipeline.restart(e)
-        print(f"server: {e}; restarting it in {wait:.0f} s", file=sys.stderr)
-        error = WorkerDied(e.worker, f"{e}; the request was lost with it (restarting the worker)")
-        with self.lock:  # the LLM worker held every open request; the visual worker those with no token yet
-            lost = [rid for rid in self.queues if e.worker == "llm" or rid not in self.decoding]
+        then = "it is not restarted here (it joined by itself)" if wait is None else f"restarting it in {wait:.0f} s"
+        print(f"server: {e}; {then}", file=sys.stderr)
+        error = WorkerDied(e.worker, f"{e}; the request was lost with it ({then.split(' in ')[0]})")
+        lost = self.pipeline.lost(e.worker)  # the requests routed to it (a visual worker's: those with no token yet)
         self.loop.call_soon_threadsafe(self.deliver, [(rid, error) for rid in lost])
 
     def deliver(self, batch: list[Result | tuple[str, WorkerDied]]) -> None:
         for item in batch:
             rid, event = (item if isinstance(item, tuple) else (item.id, item))
             if (q := self.queues.get(rid)) is not None:
-                if isinstance(event, TokenEntry):
-                    self.decoding.add(rid)
                 q.put_nowait(event)
 
     def check(self) -> None:
-        """Raises APIError 503 when a worker is not ready or the router has stopped."""
+        """Raises APIError 503 when the router has stopped or no ready visual and LLM worker are joined."""
         if not self.thread.is_alive():
             raise APIError(503, "the server's results router has stopped")
-        for name, h in self.pipeline.health.items():
-            if h.state != "ready":
-                why = f" ({h.reason})" if h.reason else ""
-                raise APIError(503, f"the {name} worker is {h.state}{why}", code="worker_unavailable")
+        health = list(self.pipeline.health.items())
+        for role in ("visual", "llm"):
+            if not self.pipeline.ready(role):
+                states = "; ".join(f"{n} is {h.state}" + (f" ({h.reason})" if h.reason else "")
+                                   for n, h in health if h.role == role)
+                raise APIError(503, f"no {role} worker is ready: {states}", code="worker_unavailable")
+        try:
+            choose_workers(dict(health), ())
+        except NoWorker as e:  # ready, but no LLM worker subscribed to a visual worker yet (a moment after a start)
+            raise APIError(503, str(e), code="worker_unavailable") from None
 
     def open(self, rid: str) -> asyncio.Queue:
         self.check()
@@ -175,7 +177,6 @@ class Router:
     def close(self, rid: str) -> None:
         with self.lock:
             self.queues.pop(rid, None)
-        self.decoding.discard(rid)
 
     def stop(self) -> None:
         self.closing.set()
@@ -260,8 +261,8 @@ class Server:
     def send(self, request) -> None:
         try:
             self.pipeline.submit(request)
-        except zmq.Again:
-            raise APIError(503, "the visual worker is not taking requests") from None
+        except NoWorker as e:
+            raise APIError(503, str(e), code="worker_unavailable") from None
 
     async def results(self, rid: str, queue: asyncio.Queue):
         """The request's token events, then its finish event; an error raises APIError with the worker's code.
@@ -282,8 +283,7 @@ class Server:
         finally:
             self.router.close(rid)
             if not done:
-                with contextlib.suppress(zmq.ZMQError):
-                    self.pipeline.cancel(rid)
+                self.pipeline.cancel(rid)
 
     async def chat(self, req: ChatRequest):
         if req.model != self.model_name:
@@ -463,11 +463,14 @@ def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPo
     async def workers():
         """Each worker's state as the front end sees it."""
         now = time.monotonic()
-        return {name: {"state": h.state, "pid": h.pid, "busy_s": round(h.busy_s, 3),
+        started = pipeline.workers.workers
+        return {name: {"role": h.role, "state": h.state, "device": h.device, "pid": h.pid,
+                       "busy_s": round(h.busy_s, 3), "served": h.served, "subscribers": list(h.subscribers),
                        "heartbeat_age_s": round(now - h.last_heartbeat, 3) if h.last_heartbeat else None,
-                       "restarts": pipeline.workers.workers[name].restarts,
-                       "last_failures": pipeline.workers.workers[name].log}
-                for name, h in pipeline.health.items()}
+                       "reason": h.reason, "started_here": h.started_here,
+                       "restarts": started[name].restarts if name in started else 0,
+                       "last_failures": started[name].log if name in started else []}
+                for name, h in list(pipeline.health.items())}
 
     return app
 

@@ -6,10 +6,10 @@ from llm_worker.worker import LLMWorker
 
 
 def main() -> None:
-    p = worker_parser("Qwen2.5-VL LLM worker: image embeddings + prompt → streamed text", LLM_OPTIONS)
-    p.add_argument("--embeds", required=True, help="visual worker's endpoint to subscribe to")
+    p = worker_parser("llm", "Qwen2.5-VL LLM worker: image embeddings + prompt → streamed text (it subscribes to the "
+                             "visual workers the front end names)", LLM_OPTIONS)
     a = p.parse_args()
-    LLMWorker(start_worker(a), a.device, a.embeds, a.results, a.control).run()
+    LLMWorker(start_worker(a), a.name, a.device, a.results, a.control).run()
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from common.config import load_config
+from common.config import load_config, model_identity
 from common.messages import Cancel, Embeds, Error, Finish, Message, Ping, Ready, TokenEntry, Tokens
 from common.options import Options
-from common.protocol import ProtocolError, assemble_chunks, decode, encode, error_message
+from common.protocol import BROADCAST, ProtocolError, assemble_chunks, decode, encode, error_message, topic
 from common.runtime import FrontEnd, FrontEndGone, Heartbeats, resolve_dtype
 from common.security import curve
 from common.tokenizer import Tokenizer
@@ -61,9 +61,10 @@ class Stream:
 
 
 class LLMWorker:
-    def __init__(self, options: Options, device: str, embeds: str, results: str, control: str):
+    def __init__(self, options: Options, name: str, device: str, results: str, control: str):
+        self.name, self.device = name, device
         self.curve = curve(options.curve_keys, "llm")
-        self.heartbeats = Heartbeats("llm", results, self.curve)  # from the start: a stopped load shows as silence
+        self.heartbeats = Heartbeats(name, results, self.curve)  # from the start: a stopped load shows as silence
         self.frontend = FrontEnd(control, self.curve)
         self.config = load_config(options.model)
         self.tokenizer = Tokenizer.from_dir(options.model)
@@ -81,16 +82,21 @@ class LLMWorker:
         if self.curve is not None:
             self.curve.connect_to(self.embeds, "visual")
             self.curve.connect_to(self.results, "frontend")
-        self.embeds.connect(embeds)
-        self.embeds.setsockopt(zmq.SUBSCRIBE, b"")
+        self.embeds.setsockopt(zmq.SUBSCRIBE, topic(name))
+        self.embeds.setsockopt(zmq.SUBSCRIBE, BROADCAST)
+        self.visual: set[str] = set()  # the visual workers' endpoints it has connected to
         self.results.connect(results)
+        self.model_id = model_identity(options.model)
 
     def run(self) -> None:
         parent = os.getppid()
         while os.getppid() == parent:
             idle = not (self.engine.active or self.pending)
+            for endpoint in set(self.frontend.embeds) - self.visual:  # ZeroMQ reconnects to them by itself
+                self.embeds.connect(endpoint)
+                self.visual.add(endpoint)
             while self.embeds.poll(100 if idle else 0):
-                self.receive(self.embeds.recv_multipart(copy=False))
+                self.receive(self.embeds.recv_multipart(copy=False)[1:])  # after its topic frame
                 idle = False
             self.heartbeats.busy()
             try:
@@ -129,7 +135,8 @@ class LLMWorker:
         if isinstance(msg, Ping):
             if not self.ready:
                 self.ready = True
-                self.results.send_multipart(encode(Ready("llm", self.engine.max_len)))  # nothing is held yet
+                ready = Ready(self.model_id, self.device, self.engine.max_batch, self.engine.max_len)
+                self.results.send_multipart([self.name.encode(), *encode(ready)])  # nothing is held yet
         elif isinstance(msg, Cancel):
             self.cancel(msg.id)
         elif isinstance(msg, Embeds):
@@ -228,6 +235,6 @@ class LLMWorker:
             self.send(error_message(rid, error))
 
     def send(self, msg: Message) -> None:
-        self.frontend.send(self.results, encode(msg))
+        self.frontend.send(self.results, [self.name.encode(), *encode(msg)])
         if isinstance(msg, (Finish, Error)):
             self.open.discard(msg.id)

@@ -268,7 +268,9 @@ def test_malformed_and_forged_result_messages_are_dropped(hostile_server, client
             [msgspec.msgpack.encode([2, {"type": "ping"}])], [b"\x00" * 1000, b"frame"],
             encode(Tokens([TokenEntry("nobody", [1], "ghost")])), encode(Error("nobody", "forged", 400))]
     for frames in junk:
-        push.send_multipart(frames)
+        push.send_multipart(frames)  # no sender frame
+        push.send_multipart([b"llm-0", *frames])
+    push.send_multipart([b"mallory", *encode(Error("nobody", "forged", 400))])
     push.close(linger=1000)
     time.sleep(0.5)
     assert httpx.get(f"{url}/health").status_code == 200
@@ -357,18 +359,18 @@ def test_a_killed_worker_fails_its_requests_naming_it_is_restarted_and_serves_ag
         time.sleep(1.5)  # decoding is under way
         worker(proc, name).kill()
         if name == "llm":
-            with pytest.raises(openai.APIStatusError, match="the llm worker died") as e:
+            with pytest.raises(openai.APIStatusError, match="the llm-0 worker died") as e:
                 in_flight.result(timeout=30)
             assert e.value.status_code == 503
         else:  # the LLM worker still holds the decoding request: it is not lost
             assert in_flight.result(timeout=60).usage.completion_tokens > 0
-    while httpx.get(f"{url}/workers").json()[name]["restarts"] == 0:  # noticed within 0.2 s of its death
+    while httpx.get(f"{url}/workers").json()[f"{name}-0"]["restarts"] == 0:  # noticed within 0.2 s of its death
         time.sleep(0.1)
     assert wait_healthy(url, within_s=60) < 60
     assert worker(proc, name).pid != first_pid
     assert ask(client, NORMAL) == expected
     workers = httpx.get(f"{url}/workers").json()
-    assert workers[name]["restarts"] == 1 and "died" in workers[name]["last_failures"][-1]
+    assert workers[f"{name}-0"]["restarts"] == 1 and "died" in workers[f"{name}-0"]["last_failures"][-1]
 
 
 def test_a_stopped_worker_is_detected_by_heartbeat_killed_and_restarted(fragile_server):
@@ -378,7 +380,7 @@ def test_a_stopped_worker_is_detected_by_heartbeat_killed_and_restarted(fragile_
     stopped = worker(proc, "llm")
     stopped.send_signal(signal.SIGSTOP)
     start = time.monotonic()
-    with pytest.raises(openai.APIStatusError, match="the llm worker stopped answering") as e:
+    with pytest.raises(openai.APIStatusError, match="the llm-0 worker stopped answering") as e:
         ask(client, NORMAL)
     assert e.value.status_code == 503 and time.monotonic() - start < 10  # SILENT_AFTER_S = 5 s, then the 503
     assert not stopped.is_running() or stopped.status() == psutil.STATUS_ZOMBIE

@@ -19,7 +19,7 @@ from PIL import Image
 
 from common.messages import Cancel, Finish, Ping, SamplingParams, TokenEntry, Tokens
 from common.options import Options
-from common.protocol import VERSION, ProtocolError, decode, encode
+from common.protocol import BROADCAST, VERSION, ProtocolError, decode, encode, topic
 from frontend.pipeline import Pipeline, collect
 from frontend.prompt import Prompter, user_message
 from frontend.recording import read_recording
@@ -210,14 +210,32 @@ def test_replay_of_a_recording_holding_a_cancel_ends(tiny_model, recording, tmp_
     assert json.loads(out.stdout.strip().splitlines()[-1])["token_ids"] == original["token_ids"]
 
 
+class ToLLM:
+    """A PUB socket standing in for the visual worker, as `launch.py replay` does: it publishes under llm-0's topic,
+    and routes every request it names to llm-0 so that the front end takes llm-0's answers."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.socket = zmq.Context.instance().socket(zmq.PUB)
+        self.socket.bind(pipeline.endpoints.embeds[0])
+
+    def send_multipart(self, frames) -> None:
+        try:
+            rid = getattr(decode(frames), "id", None)
+        except ProtocolError as e:
+            rid = e.request_id
+        if rid is not None:
+            self.pipeline.track(rid, "llm-0")
+        self.socket.send_multipart([topic("llm-0"), *frames])
+
+
 @pytest.fixture
 def llm_alone(tiny_model):
     """An LLM worker fed by a PUB socket of the test's own, as `launch.py replay` does."""
     pipeline = Pipeline(Options(model=tiny_model, dtype="float32"))
-    pub = zmq.Context.instance().socket(zmq.PUB)
-    pub.bind(pipeline.endpoints.embeds)
+    pub = ToLLM(pipeline)
     pipeline.start(("llm",))
-    pipeline.wait_ready(("llm",), idle=lambda: pub.send_multipart(encode(Ping())))
+    pipeline.wait_ready(("llm",), idle=lambda: pub.socket.send_multipart([BROADCAST, *encode(Ping())]))
 
     def send(frames) -> dict:
         return collect(pipeline, decode(frames), send=lambda _: pub.send_multipart(frames))
@@ -303,7 +321,7 @@ def test_a_cancel_stops_a_decoding_request_frees_its_row_and_is_acknowledged(llm
     while (event := pipeline.receive(timeout_s=60)[0]).id != rid:
         pass
     assert isinstance(event, TokenEntry)  # decoding is under way
-    pub.send_multipart(encode(Cancel(rid)))
+    pub.send_multipart(encode(Cancel(rid, "llm-0")))
     result = collect(pipeline, decode(endless), send=lambda _: None)
     assert result["finish_reason"] == "cancelled" and 1 <= result["completion_tokens"] < 1000
     assert llm_alone(tampered(frames, lambda idx: idx))["token_ids"] == original["token_ids"]
@@ -335,7 +353,7 @@ def test_a_malformed_tokens_entry_is_a_protocol_error():
 
     good = Tokens([TokenEntry("a", [1], "x"), TokenEntry("b", [2], "")])
     assert decode(encode(good)).requests == good.requests
-    bad = msgspec.msgpack.encode([3, {"type": "tokens", "requests": [["a", 1, "x"]]}])
+    bad = msgspec.msgpack.encode([VERSION, {"type": "tokens", "requests": [["a", 1, "x"]]}])
     with pytest.raises(ProtocolError, match=r"Expected `array`, got `int` - at `\$.requests\[0\]\[1\]`"):
         decode([bad])
 
@@ -367,7 +385,7 @@ def test_malformed_requests_leave_the_visual_worker_serving(pipeline, reference,
 
     for frames in ([b"\xc1"], [msgspec.msgpack.encode([VERSION, {"type": "request", "id": "q", "media": 5}])],
                    encode(Ping())):
-        pipeline.pipeline.requests.send_multipart(frames)
+        pipeline.pipeline.requests.send_multipart([b"visual-0", *frames])
     case = CASES["small image"]
     assert pipeline(request(**case))["token_ids"] == reference_tokens(reference, tiny_model, **case)
 
@@ -390,6 +408,6 @@ def test_killing_the_llm_worker_mid_request_is_reported_and_leaves_no_process(ti
     llm.send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    assert "the llm worker died" in stderr
+    assert "the llm-0 worker died" in stderr
     time.sleep(1)
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from common.messages import (Alive, Blob, Cancel, Chunk, Embeds, Error, Finish, Heartbeat, Image, Ping, PixelLimits, Ready,
                              Request, SamplingParams, TokenEntry, Tokens, Video)
-from common.protocol import VERSION, ProtocolError, assemble_chunks, decode, encode, hidden_chunks
+from common.protocol import VERSION, ProtocolError, assemble_chunks, decode, decode_sent, encode, hidden_chunks
 
 
 def wire(msg) -> list[bytes]:
@@ -41,11 +41,11 @@ MESSAGES = {
     "tokens": Tokens([TokenEntry("a", [1], "x"), TokenEntry("b", [2, 3], "")]),
     "finish": Finish("r1", "length", 10, 5, {"prefill_s": 0.1}),
     "error": Error("r1", "ValueError: bad image", 400),
-    "ready": Ready("llm", 4096),
-    "heartbeat": Heartbeat("visual", 123, 0.25),
-    "alive": Alive(456),
+    "ready": Ready("325816f6e6e21f7d", "cuda:1", 8, 4096),
+    "heartbeat": Heartbeat(123, 0.25, ["llm-0", "llm-1"]),
+    "alive": Alive(456, ["ipc:///tmp/qvl-x/embeds-0"]),
     "ping": Ping(),
-    "cancel": Cancel("r1"),
+    "cancel": Cancel("r1", "llm-1"),
 }
 
 
@@ -104,14 +104,25 @@ def test_a_broken_header_is_a_protocol_error(frames, message):
     ("sampling", {"surprise": 1}, r"Object contains unknown field `surprise` - at `\$.sampling`"),
     ("media", [{"type": "audio"}], r"Invalid value 'audio' - at `\$.media\[0\].type`"),
     ("pixels", {"min_pixels": 0}, r"Expected `int` >= 1 - at `\$.pixels.min_pixels`"),
+    ("llm", "visual-0", r"Expected `str` matching regex .* - at `\$.llm`"),
 ], ids=["id", "negative token", "ids not a list", "zero tokens", "huge tokens", "negative temperature", "zero top_p",
-        "empty stop", "unknown sampling field", "unknown media", "zero pixels"])
+        "empty stop", "unknown sampling field", "unknown media", "zero pixels", "llm not an LLM worker's name"])
 def test_every_field_of_a_request_is_checked_against_its_type(field, value, message):
     body = msgspec.msgpack.decode(wire(Request("r9", [1], [], SamplingParams()))[0])[1]
     body[field] = value
     with pytest.raises(ProtocolError, match=message) as e:
         decode(raw(body))
     assert e.value.request_id == ("r9" if field != "id" else None)
+
+
+def test_a_message_to_the_front_end_names_its_sender_in_a_frame_of_its_own():
+    assert decode_sent([b"llm-3", *wire(Heartbeat(7))]) == ("llm-3", Heartbeat(7))
+    for sender, message in [(b"mallory", "not a worker name"), (b"llm-", "not a worker name"),
+                            (b"\xff", "not a worker name")]:
+        with pytest.raises(ProtocolError, match=message):
+            decode_sent([sender, *wire(Heartbeat(7))])
+    with pytest.raises(ProtocolError, match="starts with a frame naming its sender"):
+        decode_sent(wire(Heartbeat(7)))
 
 
 @pytest.mark.parametrize("change, message", [

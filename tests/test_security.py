@@ -67,7 +67,7 @@ def nothing_arrives_from(pipeline: Pipeline, push: zmq.Socket, rid: str) -> None
     to, and nothing reaches the pipeline's reader."""
     assert not push.poll(2000, zmq.POLLOUT)
     with pytest.raises(zmq.Again):
-        push.send_multipart(encode(Tokens([TokenEntry(rid, [1], "forged")])), flags=zmq.NOBLOCK)
+        push.send_multipart([b"llm-0", *encode(Tokens([TokenEntry(rid, [1], "forged")]))], flags=zmq.NOBLOCK)
     deadline = time.monotonic() + 1
     while time.monotonic() < deadline:
         events = pipeline.receive(timeout_s=0.2) or []
@@ -94,8 +94,8 @@ def test_the_visual_workers_key_cannot_send_the_llm_workers_messages(secure, key
     push = forger(pipeline.endpoints.results, Curve(keys, "visual"))
     dropped = pipeline.dropped
     rid = uuid.uuid4().hex
-    push.send_multipart(encode(Finish(rid, "stop", 1, 1)))
-    push.send_multipart(encode(Heartbeat("llm", 1)))  # a heartbeat in the other worker's name
+    push.send_multipart([b"llm-0", *encode(Finish(rid, "stop", 1, 1))])  # in an LLM worker's name
+    push.send_multipart([b"llm-0", *encode(Heartbeat(1))])
     deadline = time.monotonic() + 5
     while pipeline.dropped < dropped + 2 and time.monotonic() < deadline:
         assert not [e for e in pipeline.receive(timeout_s=0.2) or [] if e.id == rid]
@@ -106,14 +106,13 @@ def test_the_visual_workers_key_cannot_send_the_llm_workers_messages(secure, key
 def test_a_worker_started_without_the_key_is_never_admitted(secure, tiny_model):
     pipeline, _ = secure
     proc = subprocess.Popen([sys.executable, "-m", "llm_worker", "--model", str(tiny_model), "--dtype", "float32",
-                             "--results", pipeline.endpoints.results, "--control", pipeline.endpoints.control,
-                             "--embeds", pipeline.endpoints.embeds], cwd=ROOT,
-                            stderr=subprocess.DEVNULL)
+                             "--name", "llm-intruder", "--results", pipeline.endpoints.results, "--control",
+                             pipeline.endpoints.control], cwd=ROOT, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             pipeline.receive(timeout_s=0.2)
-            assert pipeline.health["llm"].pid != proc.pid  # its heartbeats never get through
+            assert "llm-intruder" not in pipeline.health  # its heartbeats never get through
         assert proc.poll() is None  # it runs, unheard
     finally:
         proc.kill()

@@ -230,7 +230,7 @@ def test_a_dead_worker_is_a_503(tiny_model):
         llm.kill()
         llm.wait(10)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
-        with pytest.raises(openai.APIStatusError, match="the llm worker died") as e:
+        with pytest.raises(openai.APIStatusError, match="the llm-0 worker died") as e:
             ask(client, "Hi")
         assert e.value.status_code == 503
         assert httpx.get(f"{url}/health").status_code == 503

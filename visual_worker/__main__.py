@@ -6,11 +6,11 @@ from visual_worker.worker import VisualWorker
 
 
 def main() -> None:
-    p = worker_parser("Qwen2.5-VL visual worker: pixels → image embeddings", VISUAL_OPTIONS)
+    p = worker_parser("visual", "Qwen2.5-VL visual worker: pixels → image embeddings", VISUAL_OPTIONS)
     p.add_argument("--requests", required=True, help="front end's requests endpoint to connect to")
     p.add_argument("--embeds", required=True, help="endpoint to bind and publish embeddings on")
     a = p.parse_args()
-    VisualWorker(start_worker(a), a.device, a.requests, a.embeds, a.results, a.control).run()
+    VisualWorker(start_worker(a), a.name, a.device, a.requests, a.embeds, a.results, a.control).run()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import torch
 import zmq
 from PIL import Image as PILImage
 
-from common.config import load_config
+from common.config import load_config, model_identity
 from common.messages import Cancel, Embeds, Error, Image, Message, Ping, Ready, Request, Video
 from common.options import Options, parse_patch_buckets
-from common.protocol import DTYPE_NAMES, ProtocolError, decode, encode, error_message, hidden_chunks
+from common.protocol import (BROADCAST, DTYPE_NAMES, ProtocolError, decode, encode, error_message, hidden_chunks,
+                             topic)
 from common.runtime import FrontEnd, FrontEndGone, Heartbeats, resolve_dtype
 from common.security import curve
 from visual_worker.preprocess import PreprocessConfig, load_image, preprocess_images, preprocess_video
@@ -40,9 +41,11 @@ def open_image(data: bytes, max_pixels: int) -> PILImage.Image:
 
 
 class VisualWorker:
-    def __init__(self, options: Options, device: str, requests: str, embeds: str, results: str, control: str):
+    def __init__(self, options: Options, name: str, device: str, requests: str, embeds: str, results: str,
+                 control: str):
+        self.name, self.device = name, device
         self.curve = curve(options.curve_keys, "visual")
-        self.heartbeats = Heartbeats("visual", results, self.curve)  # from the start: a stopped load shows as silence
+        self.heartbeats = Heartbeats(name, results, self.curve)  # from the start: a stopped load shows as silence
         self.frontend = FrontEnd(control, self.curve)
         self.dropped: dict[str, str] = {}  # request → why it was dropped, told to the front end once it is heard
         self.config = load_config(options.model)
@@ -51,10 +54,12 @@ class VisualWorker:
         self.run_vit = self.vit.embed if options.visual_backend == "torch" else \
             TvmVisionBackend(self.vit, parse_patch_buckets(options.patch_buckets), device).embed
         self.chunk_width, self.max_image_pixels = options.chunk_width, options.max_image_pixels
+        self.model_id = model_identity(options.model)
         ctx = zmq.Context.instance()
-        self.requests = ctx.socket(zmq.PULL)
+        self.requests = ctx.socket(zmq.DEALER)  # the front end addresses this worker by name
+        self.requests.setsockopt(zmq.IDENTITY, name.encode())
         self.requests.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        self.embeds = ctx.socket(zmq.XPUB)  # a PUB that hears subscriptions: Ready waits for the LLM worker's
+        self.embeds = ctx.socket(zmq.XPUB)  # a PUB that hears subscriptions: who is subscribed, and Ready waits for one
         self.results = ctx.socket(zmq.PUSH)
         if self.curve is not None:
             self.curve.connect_to(self.requests, "frontend")
@@ -63,30 +68,35 @@ class VisualWorker:
         self.requests.connect(requests)
         self.embeds.bind(embeds)
         self.results.connect(results)
-        self.subscribers = False
+        self.subscribers: set[str] = set()  # the LLM workers subscribed to this worker's embeddings
 
     def run(self) -> None:
         parent = os.getppid()
         while not self.subscribed() and os.getppid() == parent:  # what is published before it is lost
             self.embeds.poll(PING_SECONDS * 1000)
-        self.results.send_multipart(encode(Ready("visual")))  # waits for the front end: nothing is held yet
+        ready = Ready(self.model_id, self.device)
+        self.results.send_multipart([self.name.encode(), *encode(ready)])  # waits for the front end: nothing is held
         while os.getppid() == parent:
             if self.requests.poll(PING_SECONDS * 1000):
                 self.handle(self.requests.recv_multipart(copy=False))
             else:
-                self.subscribed()
-                self.embeds.send_multipart(encode(Ping()))
+                self.embeds.send_multipart([BROADCAST, *encode(Ping())])
+            self.subscribed()
             if self.dropped and not self.frontend.gone():
                 for rid, why in list(self.dropped.items()):
                     self.send(Error(rid, why, 503))
                     del self.dropped[rid]
 
     def subscribed(self) -> bool:
-        """Reads the subscriptions that reached the embeds socket; → whether anyone (the LLM worker, a recorder) is
-        subscribed. XPUB passes on the first subscription and the last unsubscription only."""
+        """Reads the subscriptions that reached the embeds socket (XPUB passes on the first subscription to a topic and
+        its last unsubscription); → whether an LLM worker is subscribed. Its heartbeats name them."""
         while self.embeds.poll(0):
-            self.subscribers = self.embeds.recv()[:1] == b"\x01"
-        return self.subscribers
+            event = self.embeds.recv()
+            name = event[1:-1].decode(errors="replace")
+            if event[-1:] == b"\0" and name.startswith("llm-"):
+                (self.subscribers.add if event[:1] == b"\x01" else self.subscribers.discard)(name)
+        self.heartbeats.subscribers = sorted(self.subscribers)
+        return bool(self.subscribers)
 
     def handle(self, frames) -> None:
         rid = None
@@ -95,11 +105,11 @@ class VisualWorker:
             msg = decode(frames)
             rid = getattr(msg, "id", None)
             if isinstance(msg, Cancel):  # for the LLM worker; it follows the request it names on the embeds queue
-                self.embeds.send_multipart(encode(msg))
+                self.embeds.send_multipart([topic(msg.llm), *encode(msg)])
             elif isinstance(msg, Request):
                 if self.frontend.gone():
                     raise FrontEndGone(f"the front end sent no heartbeat for {self.frontend.silent_s():.1f} s")
-                self.embeds.send_multipart(encode(self.embed(msg)), copy=False)
+                self.embeds.send_multipart([topic(msg.llm), *encode(self.embed(msg))], copy=False)
             else:
                 raise ProtocolError(f"the visual worker takes request and cancel messages, got {type(msg).__name__}")
         except FrontEndGone as e:
@@ -118,7 +128,7 @@ class VisualWorker:
             self.heartbeats.idle()
 
     def send(self, msg: Message) -> None:
-        self.frontend.send(self.results, encode(msg))
+        self.frontend.send(self.results, [self.name.encode(), *encode(msg)])
 
     def embed(self, req: Request) -> Embeds:
         t0 = time.perf_counter()
