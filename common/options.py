@@ -21,6 +21,9 @@ class Options:
     quantization: str | None = field(default=None, metadata={
         "help": "the LLM worker's decoder weights, quantized at load: int8 (one scale per output channel) or int4 "
                 "(groups of 128); an AWQ checkpoint is int4 without it", "choices": ["int8", "int4"]})
+    tp: int = field(default=1, metadata={
+        "help": "tensor parallelism: the LLM worker splits its decoder's heads, MLP and KV cache over this many "
+                "ranks, one process each (rank r on cuda:N+r when --device is cuda:N)", "type": int})
     visual_workers: int = field(default=1, metadata={"help": "visual worker processes to start", "type": int})
     llm_workers: int = field(default=1, metadata={"help": "LLM worker processes to start", "type": int})
     visual_devices: str = field(default="cpu", metadata={
@@ -71,6 +74,8 @@ class Options:
         for name in ("chunk_width", "max_batch", "max_model_len", "max_image_pixels", "visual_workers", "llm_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.tp < 1:
+            raise ValueError(f"--tp must be at least 1, got {self.tp}")
         parse_patch_buckets(self.patch_buckets)
         for role in ("visual", "llm"):
             bad = [d for d in self.devices(role) if not re.fullmatch(r"cpu|cuda(:\d+)?", d)]
@@ -94,4 +99,4 @@ def parse_patch_buckets(text: str) -> list[int]:
 
 VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels", "curve_keys", "visual_backend",
                   "patch_buckets")  # what the visual worker takes
-LLM_OPTIONS = ("model", "dtype", "quantization", "max_batch", "max_model_len", "curve_keys")
+LLM_OPTIONS = ("model", "dtype", "quantization", "tp", "max_batch", "max_model_len", "curve_keys")

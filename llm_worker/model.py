@@ -16,8 +16,8 @@ from llm_worker.rope import mrope_cos_sin
 class KVCache:
     """Keys and values of `batch` sequences, `max_len` slots each; every sequence writes at its own slots."""
 
-    def __init__(self, config: TextConfig, batch: int, max_len: int, dtype, device):
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+    def __init__(self, config: TextConfig, batch: int, max_len: int, dtype, device, kv_heads: int):
+        shape = (batch, kv_heads, max_len, config.head_dim)  # kv_heads: this rank's share under tensor parallelism
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
@@ -138,7 +138,7 @@ class LanguageModel(nn.Module):
         return self.lm_head.weight.dtype
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+        return KVCache(self.config, batch, max_len, self.dtype, self.device, self.model.layers[0].self_attn.n_kv)
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.embed_tokens(ids)
@@ -164,6 +164,7 @@ class LanguageModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model_dir, dtype: torch.dtype = torch.bfloat16, device="cpu", quantization: str | None = None,
+        shard=None,
     ) -> "LanguageModel":
         """Reads only the `model.` and `lm_head.` tensors of the checkpoint; ties lm_head when the config says so.
         quantization int8 or int4 quantizes the decoder's projections at load; an AWQ checkpoint loads as int4."""
@@ -176,6 +177,8 @@ class LanguageModel(nn.Module):
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         quantize_projections(tensors, quantization, full_config.quantization_config, dtype, Path(model_dir))
         stack_projections(tensors, model, Path(model_dir))
+        if shard is not None:  # tensor parallelism: this rank's slices, its modules resized (llm_worker.parallel)
+            shard(model, tensors)
         quantize_linears(model.model.layers, tensors, "model.layers.")
         load_module(model, tensors, "", Path(model_dir))
         return model.eval()

@@ -18,6 +18,7 @@ from common.protocol import BROADCAST, ProtocolError, assemble_chunks, decode, e
 from common.runtime import FrontEnd, FrontEndGone, Heartbeats, resolve_dtype
 from common.security import curve
 from common.tokenizer import Tokenizer
+from llm_worker import parallel
 from llm_worker.engine import Engine, Sequence
 from llm_worker.inputs import expand_vision_pads, prefill_inputs
 from llm_worker.model import LanguageModel
@@ -68,7 +69,11 @@ class LLMWorker:
         self.frontend = FrontEnd(control, self.curve)
         self.config = load_config(options.model)
         self.tokenizer = Tokenizer.from_dir(options.model)
-        self.model = LanguageModel.from_pretrained(options.model, resolve_dtype(options.model, options.dtype), device)
+        if options.tp > 1:  # rank 0 of a tensor-parallel group: it starts the other ranks
+            self.model = parallel.launch(options, device)
+        else:
+            self.model = LanguageModel.from_pretrained(options.model, resolve_dtype(options.model, options.dtype),
+                                                       device)
         self.engine = Engine(self.model, options.max_batch, options.max_model_len)
         self.pending: deque[tuple[Embeds, dict]] = deque()
         self.streams: dict[int, Stream] = {}  # id(Sequence) → its stream
