@@ -45,6 +45,13 @@ def check_divisible(config: TextConfig, tp: int) -> None:
                          f"{', '.join(bad)} do not divide by {tp} (--tp may be {', '.join(map(str, fits))})")
 
 
+def check_options(options: Options) -> None:
+    """What --tp needs of the model and the other options, checked before any rank starts."""
+    check_divisible(load_config(options.model).text, options.tp)
+    if options.tp > 1 and options.quantization is not None:
+        raise ValueError(f"--quantization {options.quantization} is not supported with --tp above 1 yet")
+
+
 def rank_device(device: str, rank: int) -> str:
     """cpu for every rank; cuda:N → cuda:N+rank."""
     d = torch.device(device)
@@ -173,9 +180,7 @@ class Leader:
 def launch(options: Options, device: str) -> Leader:
     """Starts ranks 1..tp-1 as child processes of this one (which dies → they die), joins the group as rank 0 and
     loads this rank's shard. The CPU threads this process has are split among the ranks."""
-    check_divisible(load_config(options.model).text, options.tp)
-    if options.quantization is not None:
-        raise ValueError(f"--quantization {options.quantization} is not supported with --tp above 1 yet")
+    check_options(options)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
