@@ -19,8 +19,9 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels take
 INT4_ROWS = 16  # the CPU int4 kernel packs output channels 16 at a time (the CUDA one 8)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ GEMM: nibble i of an int32 holds output channel AWQ_ORDER[i] of its 8
 AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "zero_point": True, "version": "gemm"}  # the one AWQ layout read
-ROWS_AT_ONCE = 256  # quantizing and packing go this many output channels at a time: the float32 temporaries stay
-                    # small and are reused (a full-size one costs a first touch of fresh memory per pass, 1.5 GB/s here)
+ROWS_AT_ONCE = 2048  # quantizing and packing go this many output channels at a time: float32 temporaries of a few
+                     # rows, not of the whole matrix, in few enough ops that thread stalls on a busy machine stay rare
+                     # (256 rows at a time loaded int4 2x slower here with other processes running)
 
 
 def row_blocks(n: int):
