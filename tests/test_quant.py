@@ -236,6 +236,17 @@ def test_int4_refuses_rows_that_are_not_groups_of_128_naming_the_tensor():
         int4_group_size("w", 200)
 
 
+def test_int4_packs_more_output_channels_than_one_block_as_one_matrix():
+    # quantize_linears packs ROWS_AT_ONCE (2048) rows at a time; the tiny checkpoints never have that many
+    w = torch.randn(2048 + 272, 256)
+    codes, scales, zeros = quantize_int4(w, 128, torch.float32)
+    linear = Int4Linear.from_codes(codes, scales, zeros, None, "x")
+    dequantized = (codes.float() - 8) * scales.repeat_interleave(128, 1) + zeros.repeat_interleave(128, 1)
+    x = torch.randn(3, 256)
+    reference = x @ dequantized.T
+    assert (linear(x) - reference).abs().max() <= TOLERANCE * reference.abs().max()
+
+
 def test_int4_refuses_output_widths_the_kernel_cannot_pack():
     codes, scales, zeros = quantize_int4(torch.randn(24, 128), 128, torch.float32)
     with pytest.raises(ValueError, match="16 at a time: tensor 'x' has 24"):
