@@ -161,6 +161,7 @@ class Ready(Struct, tag="ready", forbid_unknown_fields=True):
     device: str
     capacity: Count = 1  # requests it works on at once (the LLM worker's batch rows)
     context_len: Count = 0  # the LLM worker's tokens per request (prompt + output)
+    embeds: str = ""  # a visual worker's: the endpoint its embeddings are published on, for the LLM workers
 
 
 class Heartbeat(Struct, tag="heartbeat", forbid_unknown_fields=True):

@@ -24,8 +24,10 @@ class Options:
     tp: int = field(default=1, metadata={
         "help": "tensor parallelism: the LLM worker splits its decoder's heads, MLP and KV cache over this many "
                 "ranks, one process each (rank r on cuda:N+r when --device is cuda:N)", "type": int})
-    visual_workers: int = field(default=1, metadata={"help": "visual worker processes to start", "type": int})
-    llm_workers: int = field(default=1, metadata={"help": "LLM worker processes to start", "type": int})
+    visual_workers: int = field(default=1, metadata={
+        "help": "visual worker processes to start (0: only workers started by hand join)", "type": int})
+    llm_workers: int = field(default=1, metadata={"help": "LLM worker processes to start, as --visual-workers",
+                                                  "type": int})
     visual_devices: str = field(default="cpu", metadata={
         "help": "the visual workers' devices, comma-separated (cpu, cuda:N), taken in turn: cpu,cuda:0"})
     llm_devices: str = field(default="cpu", metadata={"help": "the LLM workers' devices, as --visual-devices"})
@@ -39,6 +41,12 @@ class Options:
         "type": int})
     transport: str = field(default="ipc", metadata={
         "help": "sockets between the processes: ipc (a private folder) or tcp (127.0.0.1)", "choices": ["ipc", "tcp"]})
+    frontend_host: str = field(default="127.0.0.1", metadata={
+        "help": "with --transport tcp: the address the front end's sockets bind to (workers on other hosts connect)"})
+    frontend_ports: str | None = field(default=None, metadata={
+        "help": "with --transport tcp: requests,results,control ports of the front end (default: free ones), for "
+                "workers started by hand: python -m visual_worker --requests tcp://HOST:P1 --results tcp://HOST:P2 "
+                "--control tcp://HOST:P3"})
     curve_keys: Path | None = field(default=None, metadata={
         "help": "a folder made by `launch.py keys`: encrypt and authenticate every socket with ZeroMQ CURVE (for tcp "
                 "endpoints across hosts)", "type": Path})
@@ -71,9 +79,17 @@ class Options:
 
     def check(self) -> None:
         """Values argparse cannot check on its own; a ValueError says which flag is wrong."""
-        for name in ("chunk_width", "max_batch", "max_model_len", "max_image_pixels", "visual_workers", "llm_workers"):
+        for name in ("chunk_width", "max_batch", "max_model_len", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("visual_workers", "llm_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+        if self.frontend_ports is not None:
+            ports = self.frontend_ports.split(",")
+            if self.transport != "tcp" or len(ports) != 3 or not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
+                raise ValueError("--frontend-ports takes three tcp ports, requests,results,control, with --transport "
+                                 f"tcp; got {self.frontend_ports!r}")
         if self.tp < 1:
             raise ValueError(f"--tp must be at least 1, got {self.tp}")
         parse_patch_buckets(self.patch_buckets)

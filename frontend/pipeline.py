@@ -62,7 +62,8 @@ class Pipeline:
     def __init__(self, options: Options):
         self.options = options
         self.model = model_identity(options.model)
-        self.endpoints = Endpoints(options.transport, options.visual_workers)
+        self.endpoints = Endpoints(options.transport, options.visual_workers, options.frontend_host,
+                                   options.frontend_ports)
         self.curve = curve(options.curve_keys, "frontend")
         ctx = zmq.Context.instance()
         self.requests = ctx.socket(zmq.ROUTER)  # addressed: each visual worker connects under its name
@@ -78,6 +79,7 @@ class Pipeline:
         self.requests.bind(self.endpoints.requests)
         self.results.bind(self.endpoints.results)
         self.control.bind(self.endpoints.control)
+        self.visual_endpoints = list(self.endpoints.embeds)  # where the LLM workers subscribe; joiners add theirs
         self.closing = threading.Event()
         self.heartbeats = threading.Thread(target=self.send_heartbeats, name="frontend-heartbeats", daemon=True)
         self.heartbeats.start()  # the thread owns the control socket from here on
@@ -98,20 +100,24 @@ class Pipeline:
                 w.start()
 
     def wait_ready(self, roles: tuple[str, ...] = ("visual", "llm"), idle: Callable[[], None] | None = None) -> None:
-        """Returns once every started worker of the roles has said Ready (and, with visual workers, every LLM worker
-        is subscribed to one of them); `idle` is called between reads (a recorder, a pinger). A worker of another
-        model raises RuntimeError."""
+        """Returns once every started worker of the roles has said Ready and, with both roles, a request can be
+        routed (an LLM worker is subscribed to a visual worker; with none started here, once workers have joined);
+        `idle` is called between reads (a recorder, a pinger). A worker of another model raises RuntimeError."""
         deadline = time.monotonic() + READY_TIMEOUT_S
 
         def unready() -> list[str]:
-            names = [n for n, h in self.health.items() if h.role in roles and h.state in ("starting", "refused")]
-            if "visual" in roles:
+            names = [n for n, h in self.health.items()
+                     if h.role in roles and h.started_here and h.state in ("starting", "refused")]
+            if {"visual", "llm"} <= set(roles):
                 joined = {llm for v in self.ready("visual") for llm in self.health[v].subscribers}
                 names += [n for n in self.ready("llm") if n not in joined]
+                if not joined.intersection(self.ready("llm")):
+                    names.append("a visual worker and an LLM worker joined to each other")
             return names
 
         while waiting := unready():
-            if refused := [f"{n}: {self.health[n].reason}" for n in waiting if self.health[n].state == "refused"]:
+            if refused := [f"{n}: {self.health[n].reason}" for n in waiting
+                           if n in self.health and self.health[n].state == "refused"]:
                 raise RuntimeError("; ".join(refused))
             if idle is not None:
                 idle()
@@ -234,6 +240,8 @@ class Pipeline:
                 else:
                     h.state, h.device, h.capacity, h.context_len = "ready", msg.device, max(1, msg.capacity), \
                         msg.context_len
+                    if h.role == "visual" and msg.embeds and msg.embeds not in self.visual_endpoints:
+                        self.visual_endpoints = [*self.visual_endpoints, msg.embeds]  # the heartbeat names it
             else:
                 self._drop(f"a {type(msg).__name__} message on the results socket from {name}")
         return []
@@ -242,9 +250,8 @@ class Pipeline:
         """A front end whose process stops or dies falls silent: the workers drop its requests after
         FRONTEND_SILENT_S (common/runtime.py FrontEnd). The heartbeat names the visual workers' endpoints, which
         the LLM workers subscribe to."""
-        alive = encode(Alive(os.getpid(), self.endpoints.embeds))
         while not self.closing.wait(HEARTBEAT_S):
-            self.control.send_multipart(alive)  # PUB: never blocks
+            self.control.send_multipart(encode(Alive(os.getpid(), self.visual_endpoints)))  # PUB: never blocks
 
     def check(self) -> None:
         """Raises WorkerDied for a worker that has exited, whose heartbeats stopped, or that is stuck."""

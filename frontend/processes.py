@@ -28,20 +28,24 @@ class WorkerDied(RuntimeError):
 
 
 class Endpoints:
-    """The socket addresses of one pipeline (the front end's requests, results and control, and each visual worker's
-    embeds): ipc sockets in a folder only this user can open (removed by `close`), or tcp ports on 127.0.0.1."""
+    """The socket addresses of one pipeline (the front end's requests, results and control, and each started visual
+    worker's embeds): ipc sockets in a folder only this user can open (removed by `close`), or tcp ports on `host`
+    (free ones unless `ports` names the front end's three)."""
 
-    def __init__(self, transport: str, visual_workers: int = 1):
-        self.transport = transport
+    def __init__(self, transport: str, visual_workers: int = 1, host: str = "127.0.0.1", ports: str | None = None):
+        self.transport, self.host = transport, host
         self.dir = tempfile.mkdtemp(prefix="qvl-")  # mode 0700
-        self.requests, self.results, self.control = (self._free(name) for name in ("requests", "results", "control"))
+        if ports is not None:
+            self.requests, self.results, self.control = (f"tcp://{host}:{p}" for p in ports.split(","))
+        else:
+            self.requests, self.results, self.control = (self._free(n) for n in ("requests", "results", "control"))
         self.embeds = [self._free(f"embeds-{i}") for i in range(visual_workers)]
 
     def _free(self, name: str) -> str:
         if self.transport == "ipc":
             return f"ipc://{self.dir}/{name}"
         probe = zmq.Context.instance().socket(zmq.PUSH)
-        probe.bind("tcp://127.0.0.1:*")
+        probe.bind(f"tcp://{self.host}:*")
         endpoint = probe.getsockopt_string(zmq.LAST_ENDPOINT)
         probe.close(linger=0)
         return endpoint
@@ -84,7 +88,7 @@ class Workers:
 
     def __init__(self, options: Options, endpoints: Endpoints):
         count = options.visual_workers + options.llm_workers
-        threads = str(max(1, (os.cpu_count() or 2) // count))  # the workers share this host's cores
+        threads = str(max(1, (os.cpu_count() or 2) // max(1, count)))  # the workers share this host's cores
         tail = ["--results", endpoints.results, "--control", endpoints.control, "--threads", threads,
                 "--exit-with-parent"]
         self.workers = {}

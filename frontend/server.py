@@ -24,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.messages import MAX_NEW_TOKENS, MAX_SEED, Error, Finish, PixelLimits, Result, SamplingParams, TokenEntry
@@ -78,6 +78,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
+    """OpenAI's chat request as far as this server honours it. Any other field is refused with a 400 naming it
+    (`unsupported_fields`), never dropped; a few are taken at the value that asks for nothing (DEFAULT_ONLY)."""
+
+    model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     stream: bool = False
@@ -91,6 +95,21 @@ class ChatRequest(BaseModel):
     stop: Annotated[str, Field(min_length=1, max_length=256)] | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, max_length=16)
     n: int = Field(1, ge=1, le=1)
     ignore_eos: bool = False
+    user: str | None = Field(None, max_length=256)  # the caller's label for itself: accepted, as OpenAI's, and unused
+
+
+# fields OpenAI clients send at values that change nothing: taken at those values, refused at any other
+DEFAULT_ONLY = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "response_format": {"type": "text"},
+                "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "logit_bias": {}}
+
+
+def unsupported_fields(req: ChatRequest) -> None:
+    """Raises APIError 400 naming the first field this server would otherwise silently ignore."""
+    for name, value in (req.model_extra or {}).items():
+        if name not in DEFAULT_ONLY or value != DEFAULT_ONLY[name]:
+            allowed = f" (only {json.dumps(DEFAULT_ONLY[name])} is)" if name in DEFAULT_ONLY else ""
+            raise APIError(400, f"`{name}` is not supported by this server{allowed}: the request is refused rather "
+                                "than answered without it", name, "unsupported_parameter")
 
 
 class APIError(Exception):
@@ -286,6 +305,7 @@ class Server:
                 self.pipeline.cancel(rid)
 
     async def chat(self, req: ChatRequest):
+        unsupported_fields(req)
         if req.model != self.model_name:
             raise APIError(400, f"model {req.model!r} is not served here; this server serves {self.model_name!r}",
                            "model", "model_not_found")
@@ -454,6 +474,13 @@ def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPo
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
                                             "owned_by": "qwen-vl-disagg"}]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} is not served here; this server serves {model_name!r}", "model",
+                           "model_not_found")
+        return {"id": model_name, "object": "model", "created": server.created, "owned_by": "qwen-vl-disagg"}
+
     @app.get("/health")
     async def health():
         server.router.check()
@@ -504,7 +531,10 @@ def serve(args) -> int:
     pipeline = Pipeline(options)
     try:
         pipeline.start()
-        pipeline.wait_ready()
+        if started := tuple(r for r in ("visual", "llm") if getattr(options, f"{r}_workers")):
+            pipeline.wait_ready(started)
+        e = pipeline.endpoints
+        print(f"workers join with --requests {e.requests} --results {e.results} --control {e.control}", file=sys.stderr)
         name = args.served_model_name or Path(options.model).resolve().name
         app = create_app(pipeline, name, media, args.default_max_tokens, args.max_media_per_request,
                          args.max_request_pixels, int(args.max_body_mb * 2**20))

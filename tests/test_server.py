@@ -111,6 +111,25 @@ def frames_dir(tmp_path_factory) -> Path:
 def test_health_and_models(server, client):
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4o' is not served here"):
+        client.models.retrieve("gpt-4o")
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", True), ("frequency_penalty", 0.5), ("response_format",
+                         {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                         ("frobnicate", 1)])
+def test_a_field_the_server_does_not_honour_is_a_400_naming_it(client, field, value):
+    with pytest.raises(openai.BadRequestError, match=f"`{field}` is not supported by this server") as e:
+        ask(client, "Hi", extra_body={field: value})
+    assert e.value.body["param"] == field and e.value.body["code"] == "unsupported_parameter"
+
+
+def test_fields_at_the_values_that_ask_for_nothing_are_taken(client):
+    plain = ask(client, "Hi").choices[0].message.content
+    same = ask(client, "Hi", frequency_penalty=0, presence_penalty=0, logprobs=False, user="me",
+               response_format={"type": "text"}).choices[0].message.content
+    assert same == plain
 
 
 @pytest.mark.parametrize("case", ["one image as a data URI", "two images", "video frames"])

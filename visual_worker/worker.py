@@ -59,7 +59,7 @@ class VisualWorker:
         self.requests = ctx.socket(zmq.DEALER)  # the front end addresses this worker by name
         self.requests.setsockopt(zmq.IDENTITY, name.encode())
         self.requests.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        self.embeds = ctx.socket(zmq.XPUB)  # a PUB that hears subscriptions: who is subscribed, and Ready waits for one
+        self.embeds = ctx.socket(zmq.XPUB)  # a PUB that hears subscriptions: its heartbeats name who is subscribed
         self.results = ctx.socket(zmq.PUSH)
         if self.curve is not None:
             self.curve.connect_to(self.requests, "frontend")
@@ -72,9 +72,7 @@ class VisualWorker:
 
     def run(self) -> None:
         parent = os.getppid()
-        while not self.subscribed() and os.getppid() == parent:  # what is published before it is lost
-            self.embeds.poll(PING_SECONDS * 1000)
-        ready = Ready(self.model_id, self.device)
+        ready = Ready(self.model_id, self.device, embeds=self.embeds.getsockopt_string(zmq.LAST_ENDPOINT))
         self.results.send_multipart([self.name.encode(), *encode(ready)])  # waits for the front end: nothing is held
         while os.getppid() == parent:
             if self.requests.poll(PING_SECONDS * 1000):
@@ -87,16 +85,16 @@ class VisualWorker:
                     self.send(Error(rid, why, 503))
                     del self.dropped[rid]
 
-    def subscribed(self) -> bool:
+    def subscribed(self) -> None:
         """Reads the subscriptions that reached the embeds socket (XPUB passes on the first subscription to a topic and
-        its last unsubscription); → whether an LLM worker is subscribed. Its heartbeats name them."""
+        its last unsubscription); its heartbeats name the LLM workers subscribed, and the front end routes a request
+        through this worker only to one of them (what is published before a subscription is lost)."""
         while self.embeds.poll(0):
             event = self.embeds.recv()
             name = event[1:-1].decode(errors="replace")
             if event[-1:] == b"\0" and name.startswith("llm-"):
                 (self.subscribers.add if event[:1] == b"\x01" else self.subscribers.discard)(name)
         self.heartbeats.subscribers = sorted(self.subscribers)
-        return bool(self.subscribers)
 
     def handle(self, frames) -> None:
         rid = None
