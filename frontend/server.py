@@ -533,8 +533,10 @@ def serve(args) -> int:
         pipeline.start()
         if started := tuple(r for r in ("visual", "llm") if getattr(options, f"{r}_workers")):
             pipeline.wait_ready(started)
-        e = pipeline.endpoints
-        print(f"workers join with --requests {e.requests} --results {e.results} --control {e.control}", file=sys.stderr)
+        if len(started) < 2:
+            e = pipeline.endpoints
+            print(f"workers started by hand join with --requests {e.requests} --results {e.results} --control "
+                  f"{e.control}", file=sys.stderr)
         name = args.served_model_name or Path(options.model).resolve().name
         app = create_app(pipeline, name, media, args.default_max_tokens, args.max_media_per_request,
                          args.max_request_pixels, int(args.max_body_mb * 2**20))
