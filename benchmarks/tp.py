@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
-from benchmarks.model import ensure_checkpoint
+from benchmarks.model import busy_cpu_seconds, children_cpu_seconds, ensure_checkpoint
 from common.config import load_config
 from common.messages import SamplingParams
 from common.options import Options
@@ -136,7 +136,9 @@ def main() -> None:
         name = "bench-quick-random" if args.quick else "bench-3b-random"
         args.model = ensure_checkpoint(args.cache / name, args.quick)
     config = load_config(args.model).text
+    busy, ours, start = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
     runs = [spawn_decode(args, int(tp)) for tp in args.tp.split(",")]
+    others = ((busy_cpu_seconds() - busy) - (children_cpu_seconds() - ours)) / (time.perf_counter() - start)
     print("timing the collectives (two gloo ranks) ...", file=sys.stderr, flush=True)
     comm = collectives(config.hidden_size, batches)
     layers = config.num_hidden_layers
@@ -153,11 +155,13 @@ def main() -> None:
                            comm_share_of_step=(reduce_ms + comm[f"broadcast_us_b{batch}"] / 1e3) / step_ms)
             rows.append(row)
     report = {"model": str(args.model), "layers": layers, "hidden": config.hidden_size, "cores": os.cpu_count(),
-              "prompt_len": args.prompt_len, "steps": args.steps, "runs": runs, "collectives_us": comm, "rows": rows}
+              "prompt_len": args.prompt_len, "steps": args.steps, "other_processes_busy_cores": others, "runs": runs,
+              "collectives_us": comm, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"{layers} layers, hidden {config.hidden_size}, {os.cpu_count()} cores, prompt {args.prompt_len} tokens, "
-          f"{args.steps} timed steps; all-reduces: 2 per layer per step")
+          f"{args.steps} timed steps; all-reduces: 2 per layer per step; other processes kept {others:.2f} cores busy "
+          "during the decode runs")
     print("| TP | batch | decode tok/s | step ms | all-reduce ms/step | all-reduce ms/token | broadcast ms/step | "
           "comm share of step |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

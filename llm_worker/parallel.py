@@ -112,6 +112,17 @@ def split_ints(ints: Tensor, B: int, S: int, has_logits_at: bool) -> tuple[Tenso
     return positions, slots, ints[4 * B * S :] if has_logits_at else None
 
 
+def run_in_step(model: LanguageModel, *inputs) -> Tensor:
+    """A forward whose inputs every rank has: one that fails on one rank leaves the others waiting in an all-reduce
+    that will never match, so the process exits (rank 0 then, with its followers; the front end restarts it)."""
+    try:
+        return model(*inputs)
+    except Exception as e:
+        print(f"llm worker: rank {dist.get_rank()}: a tensor-parallel forward failed: {e!r}", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+
 class LeaderCache:
     """Rank 0's KV cache: its row moves are broadcast to the followers first."""
 
@@ -157,7 +168,7 @@ class Leader:
         dist.broadcast(ints, 0)
         dist.broadcast(embeds, 0)
         positions, slots, logits_at = split_ints(ints, B, S, logits_at is not None)  # what the followers use
-        return self.model(embeds, positions, slots, cache.local, logits_at, first_row)
+        return run_in_step(self.model, embeds, positions, slots, cache.local, logits_at, first_row)
 
     def watch(self) -> None:
         """A follower that dies takes rank 0 with it: the front end sees one worker die and restarts it whole."""
@@ -220,7 +231,7 @@ def follow(options: Options, device: str, rank: int, port: int, threads: int) ->
             dist.broadcast(ints, 0)
             dist.broadcast(embeds, 0)
             positions, slots, logits_at = split_ints(ints, B, S, bool(has_logits_at))
-            model(embeds, positions, slots, cache, logits_at, first_row)
+            run_in_step(model, embeds, positions, slots, cache, logits_at, first_row)
         elif op == STOP:
             dist.destroy_process_group()
             return
