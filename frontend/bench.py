@@ -30,10 +30,11 @@ from common.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PERCENTILES = {"mean": None, "median": 50, "p99": 99}
+SERVED = ("model", "dtype", "quantization", "visual_workers", "llm_workers", "visual_devices", "llm_devices", "tp")
 
 
 def bench_options(p) -> None:
-    Options.add_arguments(p, ("model", "dtype"))  # the started server's; the model's tokenizer makes the prompts
+    Options.add_arguments(p, SERVED)  # the started server's; the model's tokenizer makes the prompts
     p.add_argument("--url", help="benchmark this running server (http://host:port) instead of starting one")
     p.add_argument("--image-size", default="1280x720", help="WIDTHxHEIGHT of the random images")
     p.add_argument("--input-len", type=int, default=128, help="prompt text tokens besides the image")
@@ -174,7 +175,7 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    served = Options.from_args(args).argv(("model", "dtype"))
+    served = Options.from_args(args).argv(SERVED)
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "serve", *served, "--port", str(port),
                              "--max-batch", str(max_batch)], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
