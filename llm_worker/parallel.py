@@ -172,11 +172,14 @@ class Leader:
 
     def watch(self) -> None:
         """A follower that dies takes rank 0 with it: the front end sees one worker die and restarts it whole."""
-        sentinels = [p.sentinel for p in self.followers]
         while not self.closing:
-            if multiprocessing.connection.wait(sentinels, timeout=1.0) and not self.closing:
-                dead = [f"{p.name} (exit code {p.exitcode})" for p in self.followers if not p.is_alive()]
-                print(f"llm worker: tensor-parallel follower died: {', '.join(dead)}", file=sys.stderr, flush=True)
+            ended = multiprocessing.connection.wait([p.sentinel for p in self.followers], timeout=1.0)
+            if ended and not self.closing:
+                dead = [p for p in self.followers if p.sentinel in ended]
+                for p in dead:
+                    p.join()  # its exit code
+                names = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in dead)
+                print(f"llm worker: tensor-parallel follower died: {names}", file=sys.stderr, flush=True)
                 os._exit(1)
 
     def close(self) -> None:
@@ -198,8 +201,8 @@ def launch(options: Options, device: str) -> Leader:
     threads = max(1, torch.get_num_threads() // options.tp)
     torch.set_num_threads(threads)
     spawn = multiprocessing.get_context("spawn")
-    followers = [spawn.Process(target=follow, args=(options, device, rank, port, threads), name=f"tp-rank-{rank}",
-                               daemon=True) for rank in range(1, options.tp)]
+    followers = [spawn.Process(target=follow, args=(options, device, rank, port, threads, os.getpid()),
+                               name=f"tp-rank-{rank}", daemon=True) for rank in range(1, options.tp)]
     for p in followers:
         p.start()
     join_group(0, options.tp, port, rank_device(device, 0))
@@ -207,9 +210,11 @@ def launch(options: Options, device: str) -> Leader:
 
 
 @torch.inference_mode()
-def follow(options: Options, device: str, rank: int, port: int, threads: int) -> None:
+def follow(options: Options, device: str, rank: int, port: int, threads: int, leader: int) -> None:
     """A follower rank: runs whatever rank 0 broadcasts, on its own shard and cache, until STOP."""
     die_with_parent()
+    if os.getppid() != leader:  # rank 0 died before the line above: nobody will ever join the group
+        sys.exit("rank 0 is gone")
     torch.set_num_threads(threads)
     device = rank_device(device, rank)
     join_group(rank, options.tp, port, device)

@@ -1,6 +1,12 @@
 """Tensor parallelism (--tp 2: two gloo ranks on this CPU) gives the single-rank model's logits and greedy tokens,
 in the model and through the real pipeline; sizes that do not divide are refused with what would."""
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
 import pytest
 import torch
 
@@ -12,6 +18,7 @@ from llm_worker.engine import Engine
 from llm_worker.model import LanguageModel
 from tests.test_pipeline import CASES, request
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[151644, 872, 198, 9707, 1879, 0, 151645], [151644, 872, 198, 3838, 151645]]  # two rows, 7 and 5 long
 DECODE_STEPS = 6
 
@@ -86,6 +93,24 @@ def test_sizes_that_do_not_divide_are_refused_naming_them(tiny_model, tp, what):
 def test_quantized_weights_with_tp_are_refused(tiny_model):
     with pytest.raises(ValueError, match="not supported with --tp above 1 yet"):
         parallel.launch(Options(model=tiny_model, dtype="float32", tp=2, quantization="int8"), "cpu")
+
+
+def test_followers_die_with_rank_0(tiny_model, tmp_path):
+    worker = subprocess.Popen([sys.executable, "-m", "llm_worker", "--model", str(tiny_model), "--tp", "2",
+                               "--results", f"ipc://{tmp_path}/results", "--control", f"ipc://{tmp_path}/control"],
+                              cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (followers := [p for p in psutil.Process(worker.pid).children()
+                                 if "spawn_main" in " ".join(p.cmdline())]):  # not the resource tracker
+            assert time.monotonic() < deadline, "no follower started"
+            time.sleep(0.2)
+        time.sleep(2)
+    finally:
+        worker.kill()
+        worker.wait()
+    _, alive = psutil.wait_procs(followers, timeout=10)
+    assert not alive, "the follower outlived rank 0"
 
 
 def pipeline_tokens(model, tp: int) -> dict[str, list[int]]:
