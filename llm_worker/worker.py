@@ -73,7 +73,7 @@ class LLMWorker:
             self.model = parallel.launch(options, device)
         else:
             self.model = LanguageModel.from_pretrained(options.model, resolve_dtype(options.model, options.dtype),
-                                                       device)
+                                                       device, options.quantization)
         self.engine = Engine(self.model, options.max_batch, options.max_model_len)
         self.pending: deque[tuple[Embeds, dict]] = deque()
         self.streams: dict[int, Stream] = {}  # id(Sequence) → its stream
