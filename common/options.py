@@ -39,6 +39,9 @@ class Options:
     max_image_pixels: int = field(default=64 * 2**20, metadata={
         "help": "largest image, in decoded pixels, the visual worker opens (bigger ones are refused unread)",
         "type": int})
+    encoder_cache_mb: int = field(default=256, metadata={
+        "help": "MiB of image embeddings the visual worker keeps, by image bytes and pixel limits, least recently used "
+                "evicted (0: none); a repeated image skips the ViT", "type": int})
     transport: str = field(default="ipc", metadata={
         "help": "sockets between the processes: ipc (a private folder) or tcp (127.0.0.1)", "choices": ["ipc", "tcp"]})
     frontend_host: str = field(default="127.0.0.1", metadata={
@@ -82,7 +85,7 @@ class Options:
         for name in ("chunk_width", "max_batch", "max_model_len", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("visual_workers", "llm_workers"):
+        for name in ("visual_workers", "llm_workers", "encoder_cache_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         if self.frontend_ports is not None:
@@ -113,6 +116,6 @@ def parse_patch_buckets(text: str) -> list[int]:
     return sorted({int(p) for p in parts})
 
 
-VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels", "curve_keys", "visual_backend",
-                  "patch_buckets")  # what the visual worker takes
+VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels", "encoder_cache_mb", "curve_keys",
+                  "visual_backend", "patch_buckets")  # what the visual worker takes
 LLM_OPTIONS = ("model", "dtype", "quantization", "tp", "max_batch", "max_model_len", "curve_keys")

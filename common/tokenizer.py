@@ -99,6 +99,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 below this, added (special) tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
     def decode(self, ids, skip_special_tokens=True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

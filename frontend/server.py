@@ -112,6 +112,22 @@ def unsupported_fields(req: ChatRequest) -> None:
                                 "than answered without it", name, "unsupported_parameter")
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or text-only chat messages rendered with the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1024)
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(max_length=1 << 20)
+
+
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
@@ -304,11 +320,14 @@ class Server:
             if not done:
                 self.pipeline.cancel(rid)
 
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(400, f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+
     async def chat(self, req: ChatRequest):
         unsupported_fields(req)
-        if req.model != self.model_name:
-            raise APIError(400, f"model {req.model!r} is not served here; this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+        self.check_model(req.model)
         rid = uuid.uuid4().hex
         self.router.check()
         request = await self.to_request(req, rid)
@@ -338,7 +357,9 @@ class Server:
         }], "usage": usage_of(finish)}
 
     async def stream(self, head: dict, first, results, include_usage: bool):
-        """Server-sent events in the shape of OpenAI's chat.completion.chunk, then `data: [DONE]`."""
+        """Server-sent events in the shape of OpenAI's chat.completion.chunk, one for every generated token (its text
+        may be empty: a partial character, text held back for a stop string), as vLLM does, so inter-token latency is
+        measured per token; then the usage chunk if asked, then `data: [DONE]`."""
         extra = {"usage": None} if include_usage else {}  # OpenAI: usage is null on all but the last chunk
 
         def event(body: dict) -> str:
@@ -351,7 +372,7 @@ class Server:
         try:
             yield chunk({"role": "assistant", "content": ""})
             async for item in _chain(first, results):
-                if isinstance(item, TokenEntry) and item.text:
+                if isinstance(item, TokenEntry):
                     yield chunk({"content": item.text})
                 elif isinstance(item, Finish):
                     yield chunk({}, item.finish_reason)
@@ -453,6 +474,40 @@ def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPo
         where = ".".join(str(x) for x in first["loc"] if x != "body")
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         return APIError(400, f"{where}: {first['msg']}{more}", where or None).response()
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        server.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", "prompt")
+        if req.messages is not None and any(isinstance(m.content, list) and any(not isinstance(p, TextPart)
+                                                                                 for p in m.content)
+                                            for m in req.messages):
+            raise APIError(400, "/tokenize takes text only: an image or video counts as its own tokens once seen",
+                           "messages")
+        tokenizer = server.prompter.tokenizer
+        if req.prompt is not None:
+            work = lambda: tokenizer.encode(req.prompt)  # noqa: E731
+        else:
+            messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                         [{"type": "text", "text": p.text} for p in m.content]} for m in req.messages]
+            work = lambda: tokenizer.encode_chat(messages, req.add_generation_prompt)  # noqa: E731
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(server.text_work, work)
+        except UnicodeEncodeError:
+            raise APIError(400, "the text is not valid Unicode (a lone surrogate?)", "prompt") from None
+        return {"count": len(ids), "max_model_len": server.prompter.context_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        server.check_model(req.model)
+        tokenizer = server.prompter.tokenizer
+        if req.tokens and max(req.tokens) >= tokenizer.vocab_size:
+            raise APIError(400, f"token {max(req.tokens)} is past this model's vocabulary of {tokenizer.vocab_size}",
+                           "tokens")
+        text = await asyncio.get_running_loop().run_in_executor(server.text_work,
+                                                                lambda: tokenizer.decode(req.tokens, False))
+        return {"prompt": text}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):

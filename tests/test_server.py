@@ -125,6 +125,34 @@ def test_a_field_the_server_does_not_honour_is_a_400_naming_it(client, field, va
     assert e.value.body["param"] == field and e.value.body["code"] == "unsupported_parameter"
 
 
+def test_tokenize_and_detokenize_agree_with_the_prompt_the_server_builds(server, client, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    plain = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+    assert plain["tokens"] == tok("Hello world")["input_ids"] and plain["count"] == len(plain["tokens"])
+    messages = [{"role": "user", "content": "Hi there"}]
+    chat = httpx.post(f"{server}/tokenize", json={"model": MODEL, "messages": messages}).json()
+    assert chat["tokens"] == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+    assert chat["count"] == ask(client, "Hi there").usage.prompt_tokens and chat["max_model_len"] == 4096
+    back = httpx.post(f"{server}/detokenize", json={"model": MODEL, "tokens": chat["tokens"]}).json()
+    assert back["prompt"] == tok.decode(chat["tokens"])
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "either prompt or messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "text only"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": True}, "Extra inputs are not permitted"),
+    ("/detokenize", {"tokens": [10**9]}, "past this model's vocabulary"),
+    ("/detokenize", {"tokens": [1], "model": "gpt-4o"}, "not served here"),
+], ids=["both", "an image", "an unknown field", "a token past the vocabulary", "another model"])
+def test_tokenize_and_detokenize_refuse_what_they_cannot_do(server, path, body, message):
+    response = httpx.post(f"{server}{path}", json={"model": MODEL, **body})
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+
+
 def test_fields_at_the_values_that_ask_for_nothing_are_taken(client):
     plain = ask(client, "Hi").choices[0].message.content
     same = ask(client, "Hi", frequency_penalty=0, presence_penalty=0, logprobs=False, user="me",
@@ -157,6 +185,15 @@ def test_streamed_answer_equals_the_whole_answer(client):
     assert text == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_a_stream_has_one_chunk_per_generated_token_empty_text_included(client):
+    # a 64-character stop string holds back the last 63 characters: the first tokens have no text to send yet
+    chunks = list(ask(client, "Go on.", max_tokens=24, stream=True, stream_options={"include_usage": True},
+                      stop=["@" * 64], extra_body={"ignore_eos": True}))
+    tokens = [c for c in chunks[1:] if c.choices and c.choices[0].finish_reason is None]  # after the role chunk
+    assert len(tokens) == chunks[-1].usage.completion_tokens == 24
+    assert tokens[0].choices[0].delta.content == ""
 
 
 def test_usage_counts_the_chat_template_tokens_of_every_message(client, tiny_model):

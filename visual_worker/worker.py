@@ -20,6 +20,7 @@ from common.protocol import (BROADCAST, DTYPE_NAMES, ProtocolError, decode, enco
                              topic)
 from common.runtime import FrontEnd, FrontEndGone, Heartbeats, resolve_dtype
 from common.security import curve
+from visual_worker.cache import EncoderCache
 from visual_worker.preprocess import PreprocessConfig, load_image, preprocess_images, preprocess_video
 from visual_worker.tvm_backend import TvmVisionBackend
 from visual_worker.vision import VisionTransformer
@@ -54,6 +55,7 @@ class VisualWorker:
         self.run_vit = self.vit.embed if options.visual_backend == "torch" else \
             TvmVisionBackend(self.vit, parse_patch_buckets(options.patch_buckets), device).embed
         self.chunk_width, self.max_image_pixels = options.chunk_width, options.max_image_pixels
+        self.cache = EncoderCache(options.encoder_cache_mb * 2**20)
         self.model_id = model_identity(options.model)
         ctx = zmq.Context.instance()
         self.requests = ctx.socket(zmq.DEALER)  # the front end addresses this worker by name
@@ -131,13 +133,20 @@ class VisualWorker:
     def embed(self, req: Request) -> Embeds:
         t0 = time.perf_counter()
         limits = dict(min_pixels=req.pixels.min_pixels, max_pixels=req.pixels.max_pixels)
+        images = [bytes(m.data) for m in req.media if isinstance(m, Image)]
+        keys = [EncoderCache.key(data, **limits) for data in images]
+        cached = [self.cache.get(k) for k in keys]
+        misses = [i for i, c in enumerate(cached) if c is None]
         decoded = []
-        for i, item in enumerate(m for m in req.media if isinstance(m, Image)):
+        for i in misses:
             try:
-                decoded.append(open_image(bytes(item.data), self.max_image_pixels))
+                decoded.append(open_image(images[i], self.max_image_pixels))
             except ValueError as e:
                 raise ValueError(f"image {i + 1}: {e}") from None
-        image_pixels, image_grid = preprocess_images(decoded, self.preprocess, **limits) if decoded else (None, [])
+        image_pixels, miss_grid = preprocess_images(decoded, self.preprocess, **limits) if decoded else (None, [])
+        miss_grid = [tuple(g) for g in np.asarray(miss_grid).reshape(-1, 3).tolist()]
+        grids = iter(miss_grid)
+        image_grid = [list(c[1]) if c is not None else list(next(grids)) for c in cached]
         video_pixels, video_grid, seconds = [], [], []
         for video in (m for m in req.media if isinstance(m, Video)):
             if video.frames.dtype != torch.uint8 or video.frames.ndim != 4 or video.frames.shape[-1] != 3:
@@ -147,7 +156,6 @@ class VisualWorker:
             video_pixels.append(pixels)
             video_grid += np.asarray(grid).tolist()
             seconds.append(sec)
-        image_grid = np.asarray(image_grid).reshape(-1, 3).tolist()
         merge = self.config.vision.spatial_merge_size ** 2
         visual = sum(t * h * w for t, h, w in image_grid + video_grid) // merge
         length = len(req.prompt_ids) - len(req.media) + visual
@@ -157,8 +165,14 @@ class VisualWorker:
                              "images, or a lower max_pixels")
         t1 = time.perf_counter()
         chunks = []
+        if misses:  # the ViT runs on the images the cache lacks, in one call
+            computed = self.run_vit(torch.from_numpy(image_pixels), miss_grid)
+            rows = [t * h * w // merge for t, h, w in miss_grid]
+            for i, part, grid in zip(misses, computed.split(rows), miss_grid):
+                cached[i] = (part.clone(), grid)
+                self.cache.put(keys[i], *cached[i])
         if image_grid:
-            chunks += hidden_chunks("image", self.run_vit(torch.from_numpy(image_pixels), image_grid), self.chunk_width)
+            chunks += hidden_chunks("image", torch.cat([c[0] for c in cached]), self.chunk_width)
         if video_grid:
             pixels = torch.from_numpy(np.concatenate(video_pixels))
             chunks += hidden_chunks("video", self.run_vit(pixels, video_grid), self.chunk_width)
@@ -167,5 +181,6 @@ class VisualWorker:
             req.id, req.prompt_ids, [tuple(g) for g in image_grid], [tuple(g) for g in video_grid], seconds,
             req.sampling, self.config.vision.out_hidden_size, self.chunk_width,
             DTYPE_NAMES[self.vit.patch_embed.proj.weight.dtype], chunks,
-            {"preprocess_s": t1 - t0, "vit_s": t2 - t1, "sent_at": time.time()},
+            {"preprocess_s": t1 - t0, "vit_s": t2 - t1, "encoder_cache_hits": float(len(images) - len(misses)),
+             "sent_at": time.time()},
         )
