@@ -227,8 +227,11 @@ class Pipeline:
                 self.health[name].served += 1
                 return [msg]
             h = self.health.get(name)
-            if h is None or h.state in ("down", "restarting", "gone"):  # one that joined by itself, or came back
-                h = self.health[name] = Health(role, started_here=name in self.workers.workers)
+            if name in self.workers.workers:
+                if h.state not in ("starting", "ready"):  # from a process since stopped: its restart starts afresh
+                    return self._drop(f"a {type(msg).__name__} from {name}, which is {h.state}")
+            elif h is None or h.state == "gone":  # one that joined by itself, or came back
+                h = self.health[name] = Health(role, started_here=False)
             if isinstance(msg, Heartbeat):
                 h.last_heartbeat, h.busy_s, h.pid, h.subscribers = time.monotonic(), msg.busy_s, msg.pid, \
                     tuple(msg.subscribers)
