@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +33,7 @@ from frontend.media import MediaError, MediaPolicy, fetch_image, image_size, rea
 from frontend.pipeline import NoWorker, Pipeline, choose_workers
 from frontend.processes import WorkerDied
 from frontend.prompt import Prompter
+from visual_worker.preprocess import PreprocessConfig
 
 DEFAULT_MAX_TOKENS = 1024  # max_tokens when a request sets none (--default-max-tokens); the context end bounds it too
 MAX_BODY_BYTES = 64 * 2**20  # a request body past this is refused with 413 before it is parsed (--max-body-mb)
@@ -536,6 +537,17 @@ def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPo
                            "model_not_found")
         return {"id": model_name, "object": "model", "created": server.created, "owned_by": "qwen-vl-disagg"}
 
+    image = PreprocessConfig.from_dir(pipeline.options.model)
+    page_server = json.dumps({"model": model_name, "factor": image.patch_size * image.merge_size,
+                              "min_pixels": image.min_pixels, "max_pixels": image.max_pixels})
+    page = (Path(__file__).parent / "static" / "chat.html").read_text().replace("{{server}}",
+                                                                                page_server.replace("<", "\\u003c"))
+
+    @app.get("/")
+    async def chat_page():
+        """The web chat page (frontend/static/chat.html), given the model's name and image resize rule."""
+        return HTMLResponse(page)
+
     @app.get("/health")
     async def health():
         server.router.check()
@@ -595,7 +607,8 @@ def serve(args) -> int:
         name = args.served_model_name or Path(options.model).resolve().name
         app = create_app(pipeline, name, media, args.default_max_tokens, args.max_media_per_request,
                          args.max_request_pixels, int(args.max_body_mb * 2**20))
-        print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (chat page: http://{args.host}:{args.port}/)",
+              file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return 0
     finally:
