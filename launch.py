@@ -22,7 +22,7 @@ from pathlib import Path
 
 import zmq
 
-from common.messages import Embeds, PixelLimits, Ping, SamplingParams
+from common.messages import Embeds, Ping, SamplingParams
 from common.options import Options
 from common.protocol import BROADCAST, decode, encode, topic
 from frontend.media import MediaPolicy, fetch_image, read_video
@@ -80,8 +80,7 @@ def run(args) -> int:
             recorder.poll()
             time.sleep(0.05)
         prompter = Prompter(options.model, pipeline.context_len)
-        request = prompter.request(user_message(args.prompt, images, video, args.fps), sampling,
-                                   PixelLimits(args.min_pixels, args.max_pixels))
+        request = prompter.request(user_message(args.prompt, images, video, args.fps), sampling)
         print_result(collect(pipeline, request, write), args.json)
         return 0
     finally:
@@ -173,8 +172,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--min-pixels", type=int)
-    p.add_argument("--max-pixels", type=int)
     p.add_argument("--record", help="write the embeds queue to this file for `launch.py replay`")
     p.add_argument("--json", action="store_true", help="last line of stdout: the result as one JSON object")
     args = p.parse_args(argv)

@@ -25,6 +25,10 @@ Grid = tuple[Annotated[int, Meta(ge=1, le=2**16)], Annotated[int, Meta(ge=1, le=
 MAX_NEW_TOKENS = 2**31 - 1
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+MAX_GRAMMAR_CHARS = 1 << 20
 
 
 class Blob:
@@ -45,7 +49,7 @@ class Blob:
         return isinstance(other, Blob) and self.data == other.data
 
 
-class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
+class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """How one request samples; checked here, at construction and on arrival, so no worker meets a value it cannot
     sample with."""
 
@@ -56,6 +60,12 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks ask for exact output lengths)
     stop: tuple[Annotated[str, Meta(min_length=1, max_length=256)], ...] = ()  # strings that end the text
+    frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] = 0.0  # OpenAI's: times a token's count in the output
+    presence_penalty: Annotated[float, Meta(ge=-2, le=2)] = 0.0  # once for any token already in the output
+    repetition_penalty: Annotated[float, Meta(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0  # transformers': prompt and output
+    logit_bias: dict[TokenId, Annotated[float, Meta(ge=-100, le=100)]] = {}  # added to those tokens' logits
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # each token's, with this many top ones
+    grammar: Annotated[str, Meta(max_length=MAX_GRAMMAR_CHARS)] | None = None  # llguidance's: what the text must match
 
     def __post_init__(self):
         # msgspec checks the Meta bounds on decode only; these checks also cover objects built in Python
@@ -73,6 +83,24 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or not all(
+                isinstance(t, int) and 0 <= t <= 2**31 - 1 and -100 <= b <= 100 for t, b in self.logit_bias.items()):
+            raise ValueError(f"logit_bias maps at most {MAX_LOGIT_BIAS} token ids to biases in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        if self.grammar is not None and len(self.grammar) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"the grammar is longer than {MAX_GRAMMAR_CHARS} characters")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether anything but temperature, top-k and top-p stands between the logits and the draw."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1
+                    or self.logit_bias or self.grammar is not None)
 
 
 class Image(Struct, tag="image", forbid_unknown_fields=True):
@@ -126,12 +154,22 @@ class Embeds(Struct, tag="embeds", forbid_unknown_fields=True):
     timings: dict[str, float] = {}
 
 
+class Logprob(Struct, array_like=True, forbid_unknown_fields=True):
+    """A generated token's log-probability under the model (log-softmax of its raw logits, float32), and the most
+    likely tokens' at that step when asked for."""
+
+    logprob: float
+    top: list[tuple[TokenId, float]] = []
+
+
 class TokenEntry(Struct, array_like=True, forbid_unknown_fields=True):
-    """One request's share of a decode step: its new token ids and the text that may be shown now."""
+    """One request's share of a decode step: its new token ids, the text that may be shown now, and with
+    SamplingParams.logprobs set, each new token's Logprob."""
 
     id: str
     token_ids: list[TokenId]
     text: str
+    logprobs: list[Logprob] = []
 
 
 class Tokens(Struct, tag="tokens", forbid_unknown_fields=True):

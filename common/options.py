@@ -39,6 +39,12 @@ class Options:
     max_image_pixels: int = field(default=64 * 2**20, metadata={
         "help": "largest image, in decoded pixels, the visual worker opens (bigger ones are refused unread)",
         "type": int})
+    min_pixels: int | None = field(default=None, metadata={
+        "help": "smallest resized image area (Qwen's min_pixels; default: the checkpoint's preprocessor_config.json); "
+                "a request's mm_processor_kwargs override it", "type": int})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "largest resized image area (Qwen's max_pixels; default: the checkpoint's): bounds an image's tokens",
+        "type": int})
     encoder_cache_mb: int = field(default=256, metadata={
         "help": "MiB of image embeddings the visual worker keeps, by image bytes and pixel limits, least recently used "
                 "evicted (0: none); a repeated image skips the ViT", "type": int})
@@ -85,6 +91,11 @@ class Options:
         for name in ("chunk_width", "max_batch", "max_model_len", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"--min-pixels {self.min_pixels} is above --max-pixels {self.max_pixels}")
         for name in ("visual_workers", "llm_workers", "encoder_cache_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
@@ -116,6 +127,7 @@ def parse_patch_buckets(text: str) -> list[int]:
     return sorted({int(p) for p in parts})
 
 
-VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels", "encoder_cache_mb", "curve_keys",
+VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels", "min_pixels", "max_pixels", "encoder_cache_mb",
+                  "curve_keys",
                   "visual_backend", "patch_buckets")  # what the visual worker takes
 LLM_OPTIONS = ("model", "dtype", "quantization", "tp", "max_batch", "max_model_len", "curve_keys")

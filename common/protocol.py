@@ -17,7 +17,7 @@ from torch import Tensor
 from common.config import DTYPES as MODEL_DTYPES
 from common.messages import Blob, Chunk, Embeds, Error, Message, WorkerName
 
-VERSION = 4
+VERSION = 5
 DTYPES = {**MODEL_DTYPES, "uint8": torch.uint8, "int64": torch.int64}  # what a tensor frame may hold
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_DIMS = 8

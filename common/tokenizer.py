@@ -12,6 +12,72 @@ from tokenizers import Tokenizer as HFTokenizer
 
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
 
+# Qwen2.5's tool-calling chat template (its Instruct models' own: tools in the system turn, calls as <tool_call> JSON,
+# results as <tool_response> in a user turn) with Qwen2.5-VL's image and video parts and default system prompt. Used
+# for a request with tools, tool calls or tool results when the checkpoint's own template does not render tools (the
+# Qwen2.5-VL Instruct template does not).
+TOOLS_CHAT_TEMPLATE = """
+{%- macro render(content) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- else %}
+        {%- for part in content %}
+            {%- if part.type == 'image' %}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif part.type == 'video' %}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+            {%- elif part.type == 'text' %}
+                {{- part.text }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+{%- endmacro %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}
+    {{- render(messages[0].content) }}
+{%- else %}
+    {{- 'You are a helpful assistant.' }}
+{%- endif %}
+{%- if tools %}
+    {{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with '
+        'function signatures within <tools></tools> XML tags:\\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\\n' + tool | tojson }}
+    {%- endfor %}
+    {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
+        '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
+        '<args-json-object>}\\n</tool_call>' }}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- for message in messages %}
+    {%- if message.role == 'system' and loop.first %}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' + render(message.content) + '\\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- elif message.role == 'assistant' and message.tool_calls %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message.content %}
+            {{- '\\n' + render(message.content) }}
+        {%- endif %}
+        {%- for call in message.tool_calls %}
+            {{- '\\n<tool_call>\\n{\\"name\\": \\"' + call.function.name + '\\", \\"arguments\\": ' + call.function.arguments
+                + '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + render(message.content) + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
 
 class _TemplateNamespace(jinja2.utils.Namespace):
     """jinja's namespace() minus underscore attributes, as transformers sandboxes it."""
@@ -73,6 +139,10 @@ class Tokenizer:
         self.pad_token_id = tokenizer.token_to_id(pad) if pad is not None else None
         self.image_pad_id, self.video_pad_id = tokenizer.token_to_id(IMAGE_PAD), tokenizer.token_to_id(VIDEO_PAD)
         self._special = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        self._tools_template = compile_chat_template(
+            chat_template if chat_template is not None and "tools" in chat_template else TOOLS_CHAT_TEMPLATE)
+        self._added = {i: t.content.encode() for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self._byte_of = {c: b for b, c in _bytes_to_unicode().items()}
 
     @classmethod
     def from_dir(cls, model_dir) -> "Tokenizer":
@@ -107,28 +177,42 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt=True) -> str:
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (byte-level BPE: a piece of a UTF-8 character, maybe); b"" past the vocabulary
+        (the embedding rows a model pads its vocabulary with)."""
+        if token_id in self._added:
+            return self._added[token_id]
+        piece = self._tok.id_to_token(token_id)
+        return bytes(self._byte_of[c] for c in piece) if piece is not None else b""
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt=True, tools: list | None = None) -> str:
+        """tools: OpenAI function tools. A conversation with tools, tool calls or tool results is rendered by the
+        checkpoint's template if it renders tools, else by TOOLS_CHAT_TEMPLATE."""
         if self._template is None:
             raise ValueError("this checkpoint has no chat template (tokenizer_config.json, chat_template.jinja/.json)")
         messages = [{k: _plain(v) for k, v in m.items() if v is not None} for m in messages]
-        return self._template.render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-            **self._special_tokens,
+        agentic = tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        return (self._tools_template if agentic else self._template).render(
+            messages=messages, tools=_plain(tools) if tools else None, documents=None,
+            add_generation_prompt=add_generation_prompt, **self._special_tokens,
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt=True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt=True, tools: list | None = None) -> list[int]:
         """The chat template's token ids, where the special tokens are the template's own: a client's text that
         spells one (`<|im_end|>` to fake a turn, `<|image_pad|>` to fake an image) is tokenized as plain text.
 
         Texts without such strings (nearly all) give exactly what tokenizing the whole rendered prompt gives, as
         transformers does. Otherwise the prompt is rendered with a marker in place of each text, and the pieces
         between markers (the template's) and the texts (the client's) are tokenized apart."""
+        structured = json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False)
+        if any(token in structured for token in self._special):
+            raise ValueError("tools or tool calls spell a special token of this model; only message texts may")
         texts = [t for m in messages for t in _texts(m.get("content"))]
         if not any(token in text for text in texts for token in self._special):
-            return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools))
         marker = f"\ue000{uuid.uuid4().hex}\ue001"
         marked = [{**m, "content": _mark(m.get("content"), marker)} for m in messages]
-        pieces = self.apply_chat_template(marked, add_generation_prompt).split(marker)
+        pieces = self.apply_chat_template(marked, add_generation_prompt, tools).split(marker)
         if len(pieces) != len(texts) + 1:
             raise ValueError("this checkpoint's chat template changes message texts; it cannot keep the special "
                              "tokens a client typed apart from its own")
@@ -153,3 +237,12 @@ def _mark(content, marker: str):
     if isinstance(content, str):
         return marker
     return [{**p, "text": marker} if isinstance(p, dict) and p.get("type") == "text" else p for p in content or ()]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as the printable character byte-level BPE writes it as."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return chars

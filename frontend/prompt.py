@@ -21,14 +21,14 @@ class Prompter:
         self.context_len = context_len  # the LLM worker's tokens per request, prompt and output
 
     def request(self, messages: list[dict], sampling: SamplingParams, pixels: PixelLimits = PixelLimits(),
-                request_id: str | None = None) -> Request:
+                request_id: str | None = None, tools: list[dict] | None = None) -> Request:
         template, media = [], []
         for m in messages:
             content = m["content"]
             if isinstance(content, list):
                 content = [self._part(p, media) for p in content]
             template.append({**m, "content": content})
-        ids = self.tokenizer.encode_chat(template)
+        ids = self.tokenizer.encode_chat(template, tools=tools)
         text_len = len(ids) - len(media)
         if text_len + 1 > self.context_len:
             raise ValueError(f"the prompt is {text_len} tokens before its images and videos, which leaves no room in "

@@ -9,6 +9,7 @@ Extensions to OpenAI's request, as vLLM has them: `top_k`, `ignore_eos`; a video
 --allowed-local-media-path>, "fps": 2.0}}`.
 """
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -17,18 +18,22 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
 
+import msgspec
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.messages import MAX_NEW_TOKENS, MAX_SEED, Error, Finish, PixelLimits, Result, SamplingParams, TokenEntry
+from common.messages import MAX_SEED, Error, Finish, Logprob, PixelLimits, SamplingParams, TokenEntry
 from common.options import Options
+from frontend.api import (MAX_BODY_BYTES, APIError, ChatRequest, DetokenizeRequest, ImagePart, MMProcessorKwargs,
+                          TextPart, TokenizeRequest, ToolStream, VideoPart, grammar, parse_tool_calls,
+                          unsupported_fields)
+from frontend.metrics import Metrics
 from frontend.media import MediaError, MediaPolicy, fetch_image, image_size, read_video
 from frontend.pipeline import NoWorker, Pipeline, choose_workers
 from frontend.processes import WorkerDied
@@ -36,115 +41,33 @@ from frontend.prompt import Prompter
 from visual_worker.preprocess import PreprocessConfig
 
 DEFAULT_MAX_TOKENS = 1024  # max_tokens when a request sets none (--default-max-tokens); the context end bounds it too
-MAX_BODY_BYTES = 64 * 2**20  # a request body past this is refused with 413 before it is parsed (--max-body-mb)
 MAX_REQUEST_PIXELS = 2**27  # all images and video frames of one request, decoded: about 400 MB of RGB
-MAX_TEXT_CHARS = 1 << 20  # one text part; the context refuses far less, but this bounds the tokenizer's work
+DEFAULT_FPS = 2.0  # video frames sampled a second when neither the part nor mm_processor_kwargs say
+LIMIT_MM = {"image": 16, "video": 4}  # media items of one request, by kind (--limit-mm-per-prompt)
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str = Field(max_length=MAX_TEXT_CHARS)
+def parse_limit_mm(text: str) -> dict[str, int]:
+    """vLLM's --limit-mm-per-prompt, JSON ('{"image": 4}') or image=4,video=1 → LIMIT_MM with those counts."""
+    try:
+        given = json.loads(text) if text.lstrip().startswith("{") else \
+            {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes '{{\"image\": N, \"video\": M}}' or image=N,video=M, got {text!r}")
+    if not isinstance(given, dict) or set(given) - set(LIMIT_MM) or \
+            not all(isinstance(v, int) and v >= 0 for v in given.values()):
+        raise argparse.ArgumentTypeError(f"takes counts >= 0 of image and video, got {text!r}")
+    return {**LIMIT_MM, **given}
 
 
-class ImageURL(BaseModel):
-    url: str = Field(max_length=MAX_BODY_BYTES)
-    detail: str | None = None  # accepted, not used: images go in at their own resolution within min/max pixels
-
-
-class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class VideoURL(BaseModel):
-    url: str = Field(max_length=MAX_BODY_BYTES)
-    fps: float = Field(2.0, gt=0, le=120)
-
-
-class VideoPart(BaseModel):
-    type: Literal["video_url"]
-    video_url: VideoURL
-
-
-Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | list[Part]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    """OpenAI's chat request as far as this server honours it. Any other field is refused with a 400 naming it
-    (`unsupported_fields`), never dropped; a few are taken at the value that asks for nothing (DEFAULT_ONLY)."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=2**31 - 1)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: Annotated[str, Field(min_length=1, max_length=256)] | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, max_length=16)
-    n: int = Field(1, ge=1, le=1)
-    ignore_eos: bool = False
-    user: str | None = Field(None, max_length=256)  # the caller's label for itself: accepted, as OpenAI's, and unused
-
-
-# fields OpenAI clients send at values that change nothing: taken at those values, refused at any other
-DEFAULT_ONLY = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "response_format": {"type": "text"},
-                "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "logit_bias": {}}
-
-
-def unsupported_fields(req: ChatRequest) -> None:
-    """Raises APIError 400 naming the first field this server would otherwise silently ignore."""
-    for name, value in (req.model_extra or {}).items():
-        if name not in DEFAULT_ONLY or value != DEFAULT_ONLY[name]:
-            allowed = f" (only {json.dumps(DEFAULT_ONLY[name])} is)" if name in DEFAULT_ONLY else ""
-            raise APIError(400, f"`{name}` is not supported by this server{allowed}: the request is refused rather "
-                                "than answered without it", name, "unsupported_parameter")
-
-
-class TokenizeRequest(BaseModel):
-    """vLLM's /tokenize: a prompt, or text-only chat messages rendered with the chat template."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1024)
-    add_generation_prompt: bool = True
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(max_length=1 << 20)
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-             413: "invalid_request_error", 500: "server_error", 503: "service_unavailable"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+def sampling_defaults(model_dir) -> dict:
+    """The sampling settings of the checkpoint's generation_config.json that a request may leave unset, as vLLM
+    applies them; do_sample false (greedy in transformers' generate) is temperature 0."""
+    path = Path(model_dir) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    out = {k: config[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in config}
+    if config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
 
 
 class Router:
@@ -183,11 +106,12 @@ class Router:
         lost = self.pipeline.lost(e.worker)  # the requests routed to it (a visual worker's: those with no token yet)
         self.loop.call_soon_threadsafe(self.deliver, [(rid, error) for rid in lost])
 
-    def deliver(self, batch: list[Result | tuple[str, WorkerDied]]) -> None:
+    def deliver(self, batch: list) -> None:
+        """Puts (request id, event) on the queue of the request each result or lost-worker error names."""
         for item in batch:
             rid, event = (item if isinstance(item, tuple) else (item.id, item))
             if (q := self.queues.get(rid)) is not None:
-                q.put_nowait(event)
+                q.put_nowait((rid, event))
 
     def check(self) -> None:
         """Raises APIError 503 when the router has stopped or no ready visual and LLM worker are joined."""
@@ -204,48 +128,70 @@ class Router:
         except NoWorker as e:  # ready, but no LLM worker subscribed to a visual worker yet (a moment after a start)
             raise APIError(503, str(e), code="worker_unavailable") from None
 
-    def open(self, rid: str) -> asyncio.Queue:
+    def open(self, rids: list[str]) -> asyncio.Queue:
+        """One queue for the events of all the requests of one HTTP request (its n choices)."""
         self.check()
+        q = asyncio.Queue()
         with self.lock:
-            q = self.queues[rid] = asyncio.Queue()
+            self.queues.update(dict.fromkeys(rids, q))
         return q
 
-    def close(self, rid: str) -> None:
+    def close(self, rids: list[str]) -> None:
         with self.lock:
-            self.queues.pop(rid, None)
+            for rid in rids:
+                self.queues.pop(rid, None)
 
     def stop(self) -> None:
         self.closing.set()
         self.thread.join()
 
 
+@dataclass
+class Choice:
+    """One of a request's n answers as its events arrive."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish: Finish | None = None
+
+
 class Server:
     def __init__(self, pipeline: Pipeline, model_name: str, media: MediaPolicy, default_max_tokens: int,
-                 max_media: int, max_request_pixels: int):
+                 limit_mm: dict[str, int], max_request_pixels: int, defaults: dict):
         self.pipeline, self.model_name, self.media = pipeline, model_name, media
-        self.default_max_tokens, self.max_media = default_max_tokens, max_media
+        self.default_max_tokens, self.limit_mm = default_max_tokens, limit_mm
         self.max_request_pixels = max_request_pixels  # decoded pixels of all its media: what the visual worker holds
+        self.defaults = defaults  # sampling defaults (generation_config.json's), for fields a request leaves unset
         self.prompter = Prompter(pipeline.options.model, pipeline.context_len)
         self.text_work = ThreadPoolExecutor(1, thread_name_prefix="prompt")  # one tokenizer, one thread
         self.created = int(time.time())
+        self.metrics = Metrics(model_name)
         self.router: Router | None = None
 
     def sampling(self, req: ChatRequest) -> SamplingParams:
-        """The request's sampling settings, checked by SamplingParams as the LLM worker will check them."""
+        """The request's sampling settings, checked by SamplingParams as the LLM worker will check them; what it
+        leaves unset comes from the checkpoint's generation_config.json, then OpenAI's defaults."""
+        def pick(name: str, fallback):
+            value = getattr(req, name)
+            return self.defaults.get(name, fallback) if value is None else value
+
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             return SamplingParams(
                 max_new_tokens=req.max_completion_tokens or req.max_tokens or self.default_max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's defaults
-                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
-                ignore_eos=req.ignore_eos, stop=tuple(stop))
+                temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
+                seed=req.seed, ignore_eos=req.ignore_eos, stop=tuple(stop),
+                frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                repetition_penalty=pick("repetition_penalty", 1.0),
+                logit_bias=req.logit_bias_ids(self.prompter.tokenizer.vocab_size),
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=grammar(req))
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def media_part(self, part: ImagePart | VideoPart, index: int) -> tuple[dict, int]:
+    async def media_part(self, part: ImagePart | VideoPart, index: int, fps: float) -> tuple[dict, int]:
         """An image or video part → the prompt builder's part holding its bytes or frames, and its decoded pixels."""
         if isinstance(part, ImagePart):
-            url = part.image_url.url
+            url = part.url
             if not url.startswith(("http://", "https://", "data:image/")) and self.media.allowed_local_media_path is None:
                 raise APIError(400, f"image {index}: image_url must be an http(s) URL or a data:image/...;base64, URI, "
                                     f"got {url[:40]!r}", "messages")
@@ -256,38 +202,52 @@ class Server:
                 raise APIError(400, f"image {index}: cannot decode or fetch it: {e}", "messages") from None
             return {"type": "image", "data": data}, width * height
         video = part.video_url
+        fps = video.fps or fps
         try:
-            frames = await read_video(video.url, video.fps, self.media)
+            frames = await read_video(video.url, fps, self.media)
         except MediaError as e:
             raise APIError(400, f"video {index}: cannot read it: {e}", "messages") from None
-        return {"type": "video", "frames": frames, "fps": video.fps}, frames.size // 3
+        return {"type": "video", "frames": frames, "fps": fps}, frames.size // 3
 
     async def to_request(self, req: ChatRequest, rid: str):
         """OpenAI messages → a Request: media fetched (all of a request's at once), then the prompt built in the
         tokenizer's thread."""
         parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content if not isinstance(p, TextPart)]
-        if len(parts) > self.max_media:
-            raise APIError(400, f"{len(parts)} images and videos in one request; at most {self.max_media} are allowed "
-                                "(--max-media-per-request)", "messages")
         count = {ImagePart: 0, VideoPart: 0}
-        numbered = []
         for p in parts:
             count[type(p)] += 1
-            numbered.append(self.media_part(p, count[type(p)]))
+        for kind, n in (("image", count[ImagePart]), ("video", count[VideoPart])):
+            if n > self.limit_mm[kind]:
+                raise APIError(400, f"{n} {kind}s in one request; at most {self.limit_mm[kind]} are allowed "
+                                    f"(--limit-mm-per-prompt)", "messages")
+        kwargs = req.mm_processor_kwargs or MMProcessorKwargs()
+        try:
+            pixels = PixelLimits(kwargs.min_pixels, kwargs.max_pixels)
+        except ValueError as e:
+            raise APIError(400, f"mm_processor_kwargs: {e}", "mm_processor_kwargs") from None
+        if None not in (kwargs.min_pixels, kwargs.max_pixels) and kwargs.min_pixels > kwargs.max_pixels:
+            raise APIError(400, f"mm_processor_kwargs: min_pixels {kwargs.min_pixels} is above max_pixels "
+                                f"{kwargs.max_pixels}", "mm_processor_kwargs")
+        numbered, seen = [], {ImagePart: 0, VideoPart: 0}
+        for p in parts:
+            seen[type(p)] += 1
+            numbered.append(self.media_part(p, seen[type(p)], kwargs.fps or DEFAULT_FPS))
         fetched = await asyncio.gather(*numbered)
-        pixels = sum(n for _, n in fetched)
-        if pixels > self.max_request_pixels:
-            raise APIError(400, f"the request's images and videos hold {pixels} pixels; at most "
+        decoded = sum(n for _, n in fetched)
+        if decoded > self.max_request_pixels:
+            raise APIError(400, f"the request's images and videos hold {decoded} pixels; at most "
                                 f"{self.max_request_pixels} are allowed in one request (--max-request-pixels)", "messages")
         fetched = iter(part for part, _ in fetched)
-        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                     [{"type": "text", "text": p.text} if isinstance(p, TextPart) else next(fetched) for p in m.content]}
-                    for m in req.messages]
-        sampling = self.sampling(req)
-        loop = asyncio.get_running_loop()
+        messages = [m.template_dict(m.content if not isinstance(m.content, list) else
+                                    [{"type": "text", "text": p.text} if isinstance(p, TextPart) else next(fetched)
+                                     for p in m.content]) for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_on else None
+
+        def build():
+            return self.prompter.request(messages, self.sampling(req), pixels, rid, tools)
+
         try:
-            return await loop.run_in_executor(self.text_work, lambda: self.prompter.request(messages, sampling,
-                                                                                            PixelLimits(), rid))
+            return await asyncio.get_running_loop().run_in_executor(self.text_work, build)
         except UnicodeEncodeError:
             raise APIError(400, "the messages hold text that is not valid Unicode (a lone surrogate?)",
                            "messages") from None
@@ -300,25 +260,29 @@ class Server:
         except NoWorker as e:
             raise APIError(503, str(e), code="worker_unavailable") from None
 
-    async def results(self, rid: str, queue: asyncio.Queue):
-        """The request's token events, then its finish event; an error raises APIError with the worker's code.
-        Leaving early (client gone, worker lost) cancels the request in the workers."""
-        done = False
+    async def results(self, rids: list[str], queue: asyncio.Queue):
+        """(choice index, event) for the requests' token events, then each one's finish event; an error raises
+        APIError with the worker's code. Leaving early (client gone, worker lost) cancels the requests still open in
+        the workers. Every event is counted in /metrics."""
+        index = {rid: i for i, rid in enumerate(rids)}
+        pending = set(rids)
+        timing = self.metrics.start(rids)
         try:
-            while True:
-                event = await queue.get()
+            while pending:
+                rid, event = await queue.get()
                 if isinstance(event, WorkerDied):
                     raise APIError(503, str(event), code="worker_died")
+                timing.event(rid, event)
                 if isinstance(event, Error):
-                    done = True
+                    pending.discard(rid)
                     raise APIError(event.code, event.message)
-                done = isinstance(event, Finish)
-                yield event
-                if done:
-                    return
+                if isinstance(event, Finish):
+                    pending.discard(rid)
+                yield index[rid], event
         finally:
-            self.router.close(rid)
-            if not done:
+            timing.close()
+            self.router.close(rids)
+            for rid in pending:
                 self.pipeline.cancel(rid)
 
     def check_model(self, model: str) -> None:
@@ -326,59 +290,104 @@ class Server:
             raise APIError(400, f"model {model!r} is not served here; this server serves {self.model_name!r}",
                            "model", "model_not_found")
 
+    def logprob_entry(self, token_id: int, logprob: Logprob) -> dict:
+        """OpenAI's logprobs.content item: the token's text and bytes, its log-probability, the top ones."""
+        def entry(t: int, value: float) -> dict:
+            data = self.prompter.tokenizer.token_bytes(t)
+            return {"token": data.decode("utf-8", "replace"), "logprob": value, "bytes": list(data)}
+        return {**entry(token_id, logprob.logprob), "top_logprobs": [entry(t, v) for t, v in logprob.top]}
+
+    def logprobs_of(self, event: TokenEntry) -> list[dict]:
+        return [self.logprob_entry(t, lp) for t, lp in zip(event.token_ids, event.logprobs)]
+
     async def chat(self, req: ChatRequest):
         unsupported_fields(req)
         self.check_model(req.model)
         rid = uuid.uuid4().hex
         self.router.check()
-        request = await self.to_request(req, rid)
-        queue = self.router.open(rid)
-        results = self.results(rid, queue)
+        first_request = await self.to_request(req, rid)
+        requests = [first_request] + [msgspec.structs.replace(
+            first_request, id=f"{rid}-{i}", sampling=msgspec.structs.replace(
+                first_request.sampling, seed=None if req.seed is None else (req.seed + i) % (MAX_SEED + 1)))
+            for i in range(1, req.n)]  # seeded choices differ from one another, and each is reproducible
+        rids = [r.id for r in requests]
+        results = self.results(rids, self.router.open(rids))
         try:
-            self.send(request)
+            for request in requests:
+                self.send(request)
             first = await anext(results)  # errors before the first token still get their HTTP status
         except BaseException:
             await results.aclose()
             raise
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(self.stream(head, first, results, usage), media_type="text/event-stream")
-        text, finish = [], first
+            return StreamingResponse(self.stream(head, req, first, results), media_type="text/event-stream")
+        choices = [Choice() for _ in requests]
         try:
-            async for event in _chain(first, results):
+            async for i, event in _chain(first, results):
                 if isinstance(event, TokenEntry):
-                    text.append(event.text)
-                finish = event
+                    choices[i].text.append(event.text)
+                    choices[i].logprobs += self.logprobs_of(event)
+                else:
+                    choices[i].finish = event
         finally:
             await results.aclose()
-        return {**head, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
-            "finish_reason": finish.finish_reason,
-        }], "usage": usage_of(finish)}
+        out = []
+        for i, c in enumerate(choices):
+            text, reason = "".join(c.text), c.finish.finish_reason
+            message = {"role": "assistant", "content": text}
+            if req.tools_on:
+                message["content"], calls = parse_tool_calls(text, req.parallel_tool_calls)
+                if calls:
+                    message["tool_calls"], reason = calls, "tool_calls"
+            out.append({"index": i, "message": message, "finish_reason": reason,
+                        "logprobs": {"content": c.logprobs} if req.logprobs else None})
+        return {**head, "object": "chat.completion", "choices": out,
+                "usage": usage_of([c.finish for c in choices])}
 
-    async def stream(self, head: dict, first, results, include_usage: bool):
+    async def stream(self, head: dict, req: ChatRequest, first, results):
         """Server-sent events in the shape of OpenAI's chat.completion.chunk, one for every generated token (its text
-        may be empty: a partial character, text held back for a stop string), as vLLM does, so inter-token latency is
-        measured per token; then the usage chunk if asked, then `data: [DONE]`."""
+        may be empty: a partial character, text held back for a stop string or a tool call), as vLLM does, so
+        inter-token latency is measured per token; then the usage chunk if asked, then `data: [DONE]`. With tools,
+        each <tool_call> block goes out whole, as one tool_calls delta, once it closes."""
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
         extra = {"usage": None} if include_usage else {}  # OpenAI: usage is null on all but the last chunk
+        tool_streams = [ToolStream(req.parallel_tool_calls) for _ in range(req.n)] if req.tools_on else None
+        calls_sent = [0] * req.n
+        finishes = []
 
         def event(body: dict) -> str:
             return f"data: {json.dumps(body)}\n\n"
 
-        def chunk(delta: dict, finish_reason=None) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        def chunk(i: int, delta: dict, finish_reason=None, logprobs=None) -> str:
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return event({**head, "object": "chat.completion.chunk", **extra, "choices": [choice]})
 
+        def delta_of(i: int, text: str, done: bool = False) -> dict:
+            if tool_streams is None:
+                return {"content": text}
+            content, calls = tool_streams[i].feed(text, done)
+            delta = {"content": content}
+            if calls:
+                delta["tool_calls"] = [{"index": calls_sent[i] + k, **c} for k, c in enumerate(calls)]
+                calls_sent[i] += len(calls)
+            return delta
+
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            async for item in _chain(first, results):
+            for i in range(req.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async for i, item in _chain(first, results):
                 if isinstance(item, TokenEntry):
-                    yield chunk({"content": item.text})
+                    yield chunk(i, delta_of(i, item.text), logprobs={"content": self.logprobs_of(item)}
+                                if req.logprobs else None)
                 elif isinstance(item, Finish):
-                    yield chunk({}, item.finish_reason)
-                    if include_usage:
-                        yield event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(item)})
+                    finishes.append(item)
+                    if tool_streams is not None and (rest := delta_of(i, "", done=True)) != {"content": ""}:
+                        yield chunk(i, rest)
+                    reason = "tool_calls" if calls_sent[i] else item.finish_reason
+                    yield chunk(i, {}, reason)
+            if include_usage:
+                yield event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(finishes)})
         except APIError as e:  # after the first token: the status line has gone out already
             yield event(e.body())
         finally:
@@ -398,8 +407,9 @@ async def client_gone(request: Request) -> None:
         pass
 
 
-def usage_of(finish: Finish) -> dict:
-    p, c = finish.prompt_tokens, finish.completion_tokens
+def usage_of(finishes: list[Finish]) -> dict:
+    """OpenAI's usage of a request's choices: the prompt once, every choice's completion."""
+    p, c = finishes[0].prompt_tokens, sum(f.completion_tokens for f in finishes)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -439,10 +449,12 @@ class BodyLimit:
 
 
 def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPolicy(),
-               default_max_tokens: int = DEFAULT_MAX_TOKENS, max_media: int = 16,
-               max_request_pixels: int = MAX_REQUEST_PIXELS, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, limit_mm: dict[str, int] = LIMIT_MM,
+               max_request_pixels: int = MAX_REQUEST_PIXELS, max_body_bytes: int = MAX_BODY_BYTES,
+               generation_config: str = "auto") -> FastAPI:
     """The app over a Pipeline whose workers are ready."""
-    server = Server(pipeline, model_name, media, default_max_tokens, max_media, max_request_pixels)
+    server = Server(pipeline, model_name, media, default_max_tokens, limit_mm, max_request_pixels,
+                    sampling_defaults(pipeline.options.model) if generation_config == "auto" else {})
 
     async def lifespan(app):
         server.router = Router(pipeline, asyncio.get_running_loop())
@@ -490,8 +502,8 @@ def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPo
         if req.prompt is not None:
             work = lambda: tokenizer.encode(req.prompt)  # noqa: E731
         else:
-            messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                         [{"type": "text", "text": p.text} for p in m.content]} for m in req.messages]
+            messages = [m.template_dict(m.content if not isinstance(m.content, list) else
+                                        [{"type": "text", "text": p.text} for p in m.content]) for m in req.messages]
             work = lambda: tokenizer.encode_chat(messages, req.add_generation_prompt)  # noqa: E731
         try:
             ids = await asyncio.get_running_loop().run_in_executor(server.text_work, work)
@@ -548,6 +560,11 @@ def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPo
         """The web chat page (frontend/static/chat.html), given the model's name and image resize rule."""
         return HTMLResponse(page)
 
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus' text format, vLLM's metric names (frontend/metrics.py)."""
+        return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/health")
     async def health():
         server.router.check()
@@ -575,7 +592,12 @@ def serve_options(p) -> None:
     p.add_argument("--served-model-name", help="model id clients must name (default: the model directory's name)")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="max_tokens of a request that sets none")
-    p.add_argument("--max-media-per-request", type=int, default=16, help="images and videos in one request")
+    p.add_argument("--limit-mm-per-prompt", type=parse_limit_mm, default=LIMIT_MM,
+                   help='images and videos in one request, as vLLM takes it: \'{"image": 16, "video": 4}\' or '
+                        'image=16,video=4 (a kind left out keeps its default)')
+    p.add_argument("--generation-config", choices=["auto", "openai"], default="auto",
+                   help="sampling defaults of a request that sets none: auto, the checkpoint's generation_config.json "
+                        "(do_sample false: greedy, as transformers' generate); openai: temperature 1, top_p 1")
     p.add_argument("--max-request-pixels", type=int, default=MAX_REQUEST_PIXELS,
                    help="decoded pixels of all images and video frames of one request")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body")
@@ -605,8 +627,8 @@ def serve(args) -> int:
             print(f"workers started by hand join with --requests {e.requests} --results {e.results} --control "
                   f"{e.control}", file=sys.stderr)
         name = args.served_model_name or Path(options.model).resolve().name
-        app = create_app(pipeline, name, media, args.default_max_tokens, args.max_media_per_request,
-                         args.max_request_pixels, int(args.max_body_mb * 2**20))
+        app = create_app(pipeline, name, media, args.default_max_tokens, args.limit_mm_per_prompt,
+                         args.max_request_pixels, int(args.max_body_mb * 2**20), args.generation_config)
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (chat page: http://{args.host}:{args.port}/)",
               file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

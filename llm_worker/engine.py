@@ -3,15 +3,22 @@
 Active requests occupy cache rows 0..n-1; when one finishes, the last row moves into its place, so a decode step
 always works on a contiguous block of rows. The engine needs only a model with `new_cache`, `__call__`
 (embeds, positions, slots, cache, logits_at, first_row) and `embed`, so it is tested with a mock model.
+
+Between a row's logits and its draw stand, when its SamplingParams ask: the grammar's mask (a Constraint: which
+tokens keep the text on the grammar), logit_bias, then the repetition, frequency and presence penalties, then
+temperature, top-k and top-p (vLLM's order). Log-probabilities are those of the raw logits, as vLLM reports them.
 """
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from common.messages import SamplingParams
+from common.messages import Logprob, SamplingParams
+
+LOGPROB_FLOOR = -9999.0  # a log-probability of -inf is reported as this (JSON has no infinity), as vLLM does
 
 
 def argmax_rows(logits: Tensor) -> list[int]:
@@ -48,23 +55,86 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+class Constraint(Protocol):
+    """A grammar's state along one sequence (llm_worker/grammar.py)."""
+
+    def allowed(self, vocab: int) -> Tensor:
+        """(vocab,) bool: the tokens that keep the text on the grammar (only EOS once it is complete)."""
+
+    def accept(self, token: int) -> None:
+        """Advances past the drawn token; a ValueError when it breaks the grammar."""
+
+
 @dataclass
 class Sequence:
     params: SamplingParams
     eos_token_ids: frozenset[int]
     delta: int  # M-RoPE: token at slot n has position n + delta
     length: int  # slots written so far
+    prompt_ids: tuple[int, ...] = ()  # what repetition_penalty counts besides the output
+    constraint: Constraint | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)  # one a token when params.logprobs is set
     generator: torch.Generator | None = None
     finish_reason: str | None = None  # "stop", "length", "error" (then error says why)
     error: Exception | None = None
+    counts: Tensor | None = None  # (vocab,) float32: each token's count in the output, for the penalties
+    seen: Tensor | None = None  # (vocab,) bool: tokens of the prompt or the output, for repetition_penalty
 
     def push(self, token: int, max_len: int) -> None:
         self.tokens.append(token)
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.constraint is not None and token not in self.eos_token_ids:
+            self.constraint.accept(token)
         if token in self.eos_token_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.params.max_new_tokens or self.length >= max_len:
             self.finish_reason = "length"
+
+    def adjust(self, logits: Tensor) -> Tensor:
+        """(vocab,) logits → float32 logits after the grammar's mask, logit_bias and the penalties."""
+        p, vocab = self.params, logits.shape[-1]
+        logits = logits.float().clone()
+        if self.constraint is not None:
+            logits.masked_fill_(~self.constraint.allowed(vocab).to(logits.device), float("-inf"))
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            if int(ids.max()) >= vocab:
+                raise ValueError(f"logit_bias names token {int(ids.max())}, past this model's {vocab} logits")
+            logits[ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        if p.repetition_penalty != 1:
+            if self.seen is None:
+                self.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+                self.seen[torch.tensor([*self.prompt_ids, *self.tokens], dtype=torch.long, device=logits.device)] = True
+            picked = logits[self.seen]
+            logits[self.seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if p.frequency_penalty or p.presence_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros(vocab, device=logits.device)
+                self.counts.index_add_(0, torch.tensor(self.tokens, dtype=torch.long, device=logits.device),
+                                       torch.ones(len(self.tokens), device=logits.device))
+            logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0)
+        return logits
+
+    def choose(self, logits: Tensor, best: int | None = None) -> int:
+        """The next token from this row's raw logits (vocab,); best is their argmax when the caller has it. With
+        params.logprobs set, the token's log-probability (and the top ones) is recorded first."""
+        p = self.params
+        if p.adjusts_logits:
+            token = sample(self.adjust(logits), p, self.generator)
+        elif p.temperature == 0 and best is not None:
+            token = best
+        else:
+            token = sample(logits, p, self.generator)
+        if p.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), -1).clamp(min=LOGPROB_FLOOR)
+            top = torch.topk(logprobs, p.logprobs) if p.logprobs else None
+            self.logprobs.append(Logprob(float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist()))
+                                         if top is not None else []))
+        return token
 
 
 class Engine:
@@ -76,8 +146,10 @@ class Engine:
         self.active: list[Sequence] = []  # active[i] owns cache row i
 
     @torch.inference_mode()
-    def add(self, embeds: Tensor, positions: Tensor, delta: int, params: SamplingParams, eos_token_ids) -> Sequence:
-        """Prefills one prompt (embeds (S, C), positions (3, S)) into a free row and samples its first token."""
+    def add(self, embeds: Tensor, positions: Tensor, delta: int, params: SamplingParams, eos_token_ids,
+            prompt_ids=(), constraint: Constraint | None = None) -> Sequence:
+        """Prefills one prompt (embeds (S, C), positions (3, S); prompt_ids its S token ids, for repetition_penalty)
+        into a free row and samples its first token."""
         S = embeds.shape[0]
         if S + 1 > self.max_len:
             raise ValueError(f"prompt of {S} tokens leaves no room in a context of {self.max_len} tokens")
@@ -87,15 +159,15 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        seq = Sequence(params, frozenset(eos_token_ids), delta, S, generator=generator)
+        seq = Sequence(params, frozenset(eos_token_ids), delta, S, tuple(prompt_ids), constraint, generator=generator)
         row = len(self.active)
         slots = torch.arange(S, device=self.model.device)[None]
         logits = self.model(
             embeds[None], positions[:, None], slots, self.cache, logits_at=slots[:, -1], first_row=row
         )
-        token = sample(logits[0], params, generator)  # before the row is taken: a failure here leaves no half row
-        self.active.append(seq)
+        token = seq.choose(logits[0])  # before the row is taken: a failure here leaves no half row
         seq.push(token, self.max_len)
+        self.active.append(seq)
         return seq
 
     @torch.inference_mode()
@@ -113,11 +185,9 @@ class Engine:
         for seq, row_logits, best in zip(self.active, logits, greedy):
             seq.length += 1
             try:
-                token = best if seq.params.temperature == 0 else sample(row_logits, seq.params, seq.generator)
+                seq.push(seq.choose(row_logits, best), self.max_len)
             except Exception as e:  # this sequence fails alone; the batch goes on
                 seq.finish_reason, seq.error = "error", e
-                continue
-            seq.push(token, self.max_len)
         return list(self.active)
 
     def abort_all(self, error: Exception) -> list[Sequence]:

@@ -20,6 +20,7 @@ from common.security import curve
 from common.tokenizer import Tokenizer
 from llm_worker import parallel
 from llm_worker.engine import Engine, Sequence
+from llm_worker.grammar import Grammars
 from llm_worker.inputs import expand_vision_pads, prefill_inputs
 from llm_worker.model import LanguageModel
 
@@ -75,6 +76,8 @@ class LLMWorker:
             self.model = LanguageModel.from_pretrained(options.model, resolve_dtype(options.model, options.dtype),
                                                        device, options.quantization)
         self.engine = Engine(self.model, options.max_batch, options.max_model_len)
+        self.grammars = Grammars((options.model / "tokenizer.json").read_text(), self.config.text.vocab_size,
+                                 self.tokenizer.eos_token_ids)
         self.pending: deque[tuple[Embeds, dict]] = deque()
         self.streams: dict[int, Stream] = {}  # id(Sequence) → its stream
         self.open: set[str] = set()  # requests received whose Finish or Error has not been sent
@@ -146,7 +149,8 @@ class LLMWorker:
             self.cancel(msg.id)
         elif isinstance(msg, Embeds):
             self.open.add(msg.id)
-            self.pending.append((msg, {**msg.timings, "transport_s": arrived - msg.timings.get("sent_at", arrived)}))
+            self.pending.append((msg, {**msg.timings, "transport_s": arrived - msg.timings.get("sent_at", arrived),
+                                       "arrived_at": time.perf_counter()}))
         else:
             self.fail(getattr(msg, "id", None),
                       ProtocolError(f"the LLM worker takes embeds and cancel messages, got {type(msg).__name__}"))
@@ -188,9 +192,12 @@ class LLMWorker:
                 "video": sum(t * h * w for t, h, w in msg.video_grid_thw) // merge}
         image, video = (assemble_chunks(msg, kind, rows[kind]) for kind in ("image", "video"))
         stream = Stream(msg.id, len(ids), timings, msg.sampling.stop)
+        timings["queue_s"] = stream.started - timings.pop("arrived_at", stream.started)  # waiting for a batch row
         embeds, positions, delta = prefill_inputs(
             self.model, config, ids, image, video, msg.image_grid_thw, msg.video_grid_thw, msg.second_per_grid_ts)
-        seq = self.engine.add(embeds, positions, delta, msg.sampling, self.tokenizer.eos_token_ids)
+        grammar = msg.sampling.grammar
+        seq = self.engine.add(embeds, positions, delta, msg.sampling, self.tokenizer.eos_token_ids, ids,
+                              self.grammars.constraint(grammar) if grammar is not None else None)
         stream.first_token_at = time.perf_counter()
         stream.timings["prefill_s"] = stream.first_token_at - stream.started
         return seq, stream
@@ -206,7 +213,7 @@ class LLMWorker:
             delta, stopped = stream.advance(self.tokenizer, seq.tokens, seq.finish_reason is not None)
             if stopped:
                 seq.finish_reason = "stop"  # the engine frees the row before its next step
-            entries.append(TokenEntry(stream.id, [seq.tokens[-1]], delta))
+            entries.append(TokenEntry(stream.id, [seq.tokens[-1]], delta, seq.logprobs[-1:]))
             if seq.finish_reason is not None:
                 del self.streams[id(seq)]
                 ended.append((stream, seq.finish_reason, len(seq.tokens)))

@@ -33,7 +33,7 @@ NORMAL = [image_part(PNG["small"]), {"type": "text", "text": "What is it?"}]
 @pytest.fixture(scope="module")
 def hostile_server(tiny_model):
     """A server of its own (these tests disturb it): short default answers, local media only under the temp folder."""
-    proc, url = start_server(tiny_model, "--default-max-tokens", "16", "--max-media-per-request", "8",
+    proc, url = start_server(tiny_model, "--default-max-tokens", "16", "--limit-mm-per-prompt", "image=8,video=8",
                              "--max-body-mb", "8", "--media-timeout-s", "5", "--max-request-pixels", "5000000")
     yield proc, url
     stop_server(proc)

@@ -7,6 +7,7 @@ import io
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -50,7 +51,9 @@ class VisualWorker:
         self.frontend = FrontEnd(control, self.curve)
         self.dropped: dict[str, str] = {}  # request → why it was dropped, told to the front end once it is heard
         self.config = load_config(options.model)
-        self.preprocess = PreprocessConfig.from_dir(options.model)
+        preprocess = PreprocessConfig.from_dir(options.model)  # --min-pixels / --max-pixels in place of its own
+        self.preprocess = replace(preprocess, min_pixels=options.min_pixels or preprocess.min_pixels,
+                                  max_pixels=options.max_pixels or preprocess.max_pixels)
         self.vit = VisionTransformer.from_pretrained(options.model, resolve_dtype(options.model, options.dtype), device)
         self.run_vit = self.vit.embed if options.visual_backend == "torch" else \
             TvmVisionBackend(self.vit, parse_patch_buckets(options.patch_buckets), device).embed
@@ -182,5 +185,5 @@ class VisualWorker:
             req.sampling, self.config.vision.out_hidden_size, self.chunk_width,
             DTYPE_NAMES[self.vit.patch_embed.proj.weight.dtype], chunks,
             {"preprocess_s": t1 - t0, "vit_s": t2 - t1, "encoder_cache_hits": float(len(images) - len(misses)),
-             "sent_at": time.time()},
+             "encoder_cache_queries": float(len(images)), "sent_at": time.time()},
         )
