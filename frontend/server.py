@@ -550,8 +550,9 @@ def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPo
         return {"id": model_name, "object": "model", "created": server.created, "owned_by": "qwen-vl-disagg"}
 
     image = PreprocessConfig.from_dir(pipeline.options.model)
-    page_server = json.dumps({"model": model_name, "factor": image.patch_size * image.merge_size,
-                              "min_pixels": image.min_pixels, "max_pixels": image.max_pixels})
+    limits = {"min_pixels": pipeline.options.min_pixels or image.min_pixels,  # the visual worker's: --min/--max-pixels,
+              "max_pixels": pipeline.options.max_pixels or image.max_pixels}  # else the checkpoint's
+    page_server = json.dumps({"model": model_name, "factor": image.patch_size * image.merge_size, **limits})
     page = (Path(__file__).parent / "static" / "chat.html").read_text().replace("{{server}}",
                                                                                 page_server.replace("<", "\\u003c"))
 

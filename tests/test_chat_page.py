@@ -1,7 +1,8 @@
 """The web chat page (GET /, frontend/static/chat.html) in a real headless Chromium, Debian's, against `launch.py serve`
 with the embedded demo model: a grounding answer about an uploaded image streams in and its box is drawn where the
 answer puts it, scaled from the image the model saw (smart_resize) to the image shown; the page's smart_resize is
-visual_worker's; a second turn sends the first with it and the page's sampling settings (no pixel limits unless set)."""
+visual_worker's; pixel limits set on the page go with the request, and its box follows them; a second turn sends the
+first with it and the page's sampling settings (no pixel limits unless set)."""
 
 import io
 import json
@@ -51,18 +52,20 @@ def page(browser, server):
     page.close()
 
 
-def ask(page, question: str, images=()) -> dict:
-    """Uploads `images`, asks `question` at temperature 0 and waits for the whole streamed answer; → the request body."""
+def ask(page, question: str, images=(), **settings: str) -> dict:
+    """Uploads `images`, fills in the settings (temperature 0 unless given), asks `question` and waits for the whole
+    streamed answer; → the request body."""
     if images:
         page.set_input_files("#files", [str(p) for p in images])
         page.wait_for_function(f"document.querySelectorAll('#pending img').length === {len(images)}")
     if not page.is_visible("#temperature"):
         page.click("#settings summary")
-    page.fill("#temperature", "0")
+    for name, value in {"temperature": "0", **settings}.items():
+        page.fill(f"#{name}", value)
     page.fill("#prompt", question)
     with page.expect_request("**/v1/chat/completions") as request:
         page.click("#send")
-    page.wait_for_selector("#send:not([hidden])")
+    page.wait_for_selector("#send:not([hidden])", timeout=120_000)  # Send is back: the stream has ended
     return json.loads(request.value.post_data)
 
 
@@ -106,6 +109,17 @@ def test_the_page_carries_the_model_name_and_its_resize_rule(page):
                                        "max_pixels": CONFIG.max_pixels}
 
 
+def test_the_page_carries_the_servers_pixel_limits_when_it_has_them(browser):
+    proc, url = start_server(DEMO_MODEL, "--min-pixels", "3136", "--max-pixels", "62720")
+    try:
+        page = browser.new_page()
+        page.goto(f"{url}/")
+        assert page.evaluate("SERVER") == {"model": MODEL, "factor": 28, "min_pixels": 3136, "max_pixels": 62720}
+        page.close()
+    finally:
+        stop_server(proc)
+
+
 def test_the_page_resizes_as_the_visual_worker_does(page):
     rng = np.random.default_rng(0)
     sizes = [(224, 280), (448, 560), (70, 70), (42, 98), (1000, 30), (5000, 4000), (10, 10), (2, 300)]
@@ -145,13 +159,27 @@ def test_the_box_is_scaled_from_the_resized_image_to_the_shown_image(page, tmp_p
             assert_box_outline(rgb, (x1 * wrong[0], y1 * wrong[1], x2 * wrong[0], y2 * wrong[1]))
 
 
+def test_pixel_limits_go_with_the_request_and_the_box_follows_them(page, tmp_path):
+    """max_pixels at the example's own area: the model sees the twice-size image at 280x224 again, answers as it does
+    about the example, and the box is drawn at x * 480 / 280."""
+    image = tmp_path / "shapes-2x.png"
+    Image.open(EXAMPLE_IMAGE).resize((560, 448), Image.NEAREST).save(image)
+    assert smart_resize(448, 560, 28, CONFIG.min_pixels, 280 * 224) == (224, 280)
+    body = ask(page, "Where is the red triangle?", [image], max_pixels=str(280 * 224))
+    assert body["mm_processor_kwargs"] == {"max_pixels": 280 * 224}
+    answer = last_answer(page)
+    assert answer == ANSWERS["Where is the red triangle?"]
+    x1, y1, x2, y2 = json.loads(answer)["bbox_2d"]
+    rgb, (w, h) = drawn_box(page)
+    assert (w, h) == (480, 384)
+    assert_box_outline(rgb, (x1 * w / 280, y1 * h / 224, x2 * w / 280, y2 * h / 224))
+
+
 def test_a_second_turn_sends_the_first_with_it_and_the_settings(page):
     first = ask(page, "Where is the red triangle?", [EXAMPLE_IMAGE])
     answer = last_answer(page)
-    page.fill("#top_p", "0.9")
-    page.fill("#max_tokens", "5")
-    page.fill("#seed", "7")
-    second = ask(page, "Where is the blue circle?")  # the demo model was taught single turns: its answer is not checked
+    # the demo model was taught single turns: the second answer is not checked
+    second = ask(page, "Where is the blue circle?", top_p="0.9", max_tokens="5", seed="7")
     image = first["messages"][0]["content"][0]
     assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/png;base64,")
     assert second["messages"] == [first["messages"][0], {"role": "assistant", "content": answer},
