@@ -3,9 +3,15 @@
 Published checkpoints (and transformers 4.x) name tensors `visual.…`, `model.…`, `lm_head.weight`; transformers 5
 in memory names them `model.visual.…`, `model.language_model.…`. Both are mapped to the published names, and a
 worker opens only the shards and tensors of its own half.
+
+A tensor used as stored is the file's own pages, memory-mapped copy-on-write, one mapping per tensor: loading reads
+nothing, only the pages the model touches become resident, and the pages of a tensor the model does not keep (one
+cast, quantized or stacked into a new tensor) stop counting in the worker's RSS as soon as that tensor is freed.
 """
 
 import json
+import mmap
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +29,84 @@ def canonical_name(name: str) -> str:
     if name.startswith("model.language_model."):
         return "model." + name[len("model.language_model.") :]
     return name
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor's bytes are: file[start:end]."""
+    file: Path
+    start: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class Checkpoint:
+    """The tensors of a checkpoint whose published names start with one of `prefixes`, by published name; opening it
+    reads only the headers, and checks that every tensor listed is in its file, whole, of a dtype read here."""
+
+    def __init__(self, model_dir, prefixes):
+        self.source = Path(model_dir)
+        prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
+        wanted: dict[Path, list[str]] = {}
+        for stored, file in _tensor_files(self.source).items():
+            if canonical_name(stored).startswith(prefixes):
+                wanted.setdefault(file, []).append(stored)
+        self.stored: dict[str, Stored] = {}
+        for file, names in wanted.items():
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} is listed in model.safetensors.index.json but missing")
+            header, data = _header(file)
+            size = file.stat().st_size
+            for name in names:
+                if name not in header:
+                    raise KeyError(f"{file}: tensor {name!r} is listed in model.safetensors.index.json but not in the file")
+                self.stored[canonical_name(name)] = _stored(file, data, size, header[name], name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.stored
+
+    def __getitem__(self, name: str) -> Stored:
+        if name not in self.stored:
+            raise KeyError(f"{self.source}: tensor {name!r} is missing from the checkpoint")
+        return self.stored[name]
+
+    def check(self, name: str, shape) -> None:
+        """An error naming tensor `name` if it is missing (KeyError) or of another shape than `shape` (ValueError)."""
+        if self[name].shape != tuple(shape):
+            raise ValueError(f"{self.source}: tensor {name!r} has shape {list(self[name].shape)}, expected {list(shape)}")
+
+    def get(self, name: str, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+        """The tensor on `device`, in `dtype` if it is floating-point (integer tensors stay as stored: an AWQ
+        checkpoint's int32-packed codes); mapped (no copy) when it is stored so and the device is the CPU."""
+        stored = self[name]
+        return _mapped(stored).to(device, dtype if stored.dtype.is_floating_point else None)
+
+    def concat(self, names: list[str], dtype: torch.dtype, device="cpu") -> torch.Tensor:
+        """Tensors (checked to fit) concatenated along dim 0, in `dtype` on `device`: mapped when they lie back to back
+        in one file, in that order, as stored (a layer's gate_proj and up_proj do in files written by safetensors,
+        which orders tensors by name); else read from the file straight into their rows of one new tensor."""
+        parts = [self.stored[name] for name in names]
+        first, last = parts[0], parts[-1]
+        shape = (sum(part.shape[0] for part in parts), *first.shape[1:])
+        if all(a.file == b.file and a.end == b.start and a.dtype == b.dtype for a, b in zip(parts, parts[1:])):
+            return _mapped(Stored(first.file, first.start, last.end, first.dtype, shape)).to(device, dtype)
+        out, row = torch.empty(shape, dtype=dtype), 0
+        for part in parts:
+            rows = out[row : row + part.shape[0]]
+            if part.dtype == dtype:
+                _read_into(rows, part)
+            else:
+                rows.copy_(_mapped(part))
+            row += part.shape[0]
+        return out.to(device)
+
+
+def read_tensors(model_dir, prefixes, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
+    """Tensors whose published name starts with one of `prefixes`, keyed by published name, as Checkpoint.get gives
+    them."""
+    checkpoint = Checkpoint(model_dir, prefixes)
+    return {name: checkpoint.get(name, dtype, device) for name in checkpoint.stored}
 
 
 def _tensor_files(model_dir: Path) -> dict[str, Path]:
@@ -44,49 +128,42 @@ def _header(file: Path) -> tuple[dict, int]:
         return json.loads(f.read(size)), 8 + size
 
 
-def read_tensors(model_dir, prefixes, dtype: torch.dtype, device="cpu", cast_integers=True) -> dict[str, torch.Tensor]:
-    """Tensors whose published name starts with one of `prefixes`, keyed by published name, cast to `dtype`; with
-    cast_integers=False integer tensors stay as stored (an AWQ checkpoint's int32-packed codes)."""
-    model_dir = Path(model_dir)
-    prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
-    wanted: dict[Path, list[str]] = {}
-    for stored, file in _tensor_files(model_dir).items():
-        if canonical_name(stored).startswith(prefixes):
-            wanted.setdefault(file, []).append(stored)
-    tensors = {}
-    for file, names in wanted.items():
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} is listed in model.safetensors.index.json but missing")
-        header, data = _header(file)
-        with file.open("rb", buffering=0) as f:
-            for stored in names:
-                if stored not in header:
-                    raise KeyError(f"{file}: tensor {stored!r} is listed in model.safetensors.index.json but not in the file")
-                tensor = _read(f, data, header[stored], file, stored)
-                cast = cast_integers or tensor.is_floating_point()
-                tensors[canonical_name(stored)] = tensor.to(device, dtype if cast else None)
-    return tensors
-
-
-def _read(f, data: int, entry: dict, file: Path, name: str) -> torch.Tensor:
-    """One tensor read into private memory with plain reads, not memory-mapped: a mapped checkpoint keeps every page
-    that was read counted in the worker's RSS for as long as any of its tensors lives, so the originals of the
-    projections stacked at load (llm_worker.model.stack_projections) would be resident twice."""
+def _stored(file: Path, data: int, size: int, entry: dict, name: str) -> Stored:
     if entry["dtype"] not in DTYPES:
         raise ValueError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which this loader does not read")
-    tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
-    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-    start, end = entry["data_offsets"]
-    if end - start != len(buffer):
-        raise ValueError(f"{file}: tensor {name!r} holds {end - start} bytes, its shape and dtype need {len(buffer)}")
-    f.seek(data + start)
-    done = 0
-    while done < len(buffer):  # a read returns at most about 2 GiB
-        got = f.readinto(buffer[done:])
-        if not got:
-            raise ValueError(f"{file}: ends inside tensor {name!r}")
-        done += got
-    return tensor
+    dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
+    start, end = (data + offset for offset in entry["data_offsets"])
+    needed = dtype.itemsize * torch.Size(shape).numel()
+    if end - start != needed:
+        raise ValueError(f"{file}: tensor {name!r} holds {end - start} bytes, its shape and dtype need {needed}")
+    if end > size:
+        raise ValueError(f"{file}: ends inside tensor {name!r}")
+    return Stored(file, start, end, dtype, shape)
+
+
+def _mapped(stored: Stored) -> torch.Tensor:
+    """file[start:end] as a tensor on a copy-on-write mapping of its own pages (writes never reach the file); the
+    mapping is unmapped when the last tensor viewing it is freed."""
+    if stored.end == stored.start:
+        return torch.empty(stored.shape, dtype=stored.dtype)
+    page = stored.start - stored.start % mmap.ALLOCATIONGRANULARITY
+    with stored.file.open("rb") as f:
+        pages = mmap.mmap(f.fileno(), stored.end - page, offset=page, access=mmap.ACCESS_COPY)
+    count = (stored.end - stored.start) // stored.dtype.itemsize
+    return torch.frombuffer(pages, dtype=stored.dtype, offset=stored.start - page, count=count).view(stored.shape)
+
+
+def _read_into(out: torch.Tensor, stored: Stored) -> None:
+    """Reads file[start:end] into `out` (contiguous, as many bytes) with plain reads, which map no page of the file."""
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    with stored.file.open("rb", buffering=0) as f:
+        f.seek(stored.start)
+        done = 0
+        while done < len(buffer):  # a read returns at most about 2 GiB
+            got = f.readinto(buffer[done:])
+            if not got:
+                raise ValueError(f"{stored.file}: ends inside a tensor at byte {stored.start + done} (changed while read)")
+            done += got
 
 
 def load_module(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source) -> None:

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.checkpoint import LANGUAGE, checked, load_module, read_tensors
+from common.checkpoint import LANGUAGE, Checkpoint, load_module
 from common.layers import RMSNorm, rotate_half
 from common.config import TextConfig, load_config
-from llm_worker.quant import QUANTIZED_KINDS, quantize_linears, quantize_projections
+from llm_worker.quant import AWQ_PACKED, quantize_linears, quantize_projections
 from llm_worker.rope import mrope_cos_sin
 
 
@@ -117,7 +117,9 @@ class Body(nn.Module):
 
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # built uninitialized: nn.Embedding's normal_ on the meta device imports torch._dynamo (2.6 s on a quiet core)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -166,17 +168,17 @@ class LanguageModel(nn.Module):
         cls, model_dir, dtype: torch.dtype = torch.bfloat16, device="cpu", quantization: str | None = None,
         shard=None,
     ) -> "LanguageModel":
-        """Reads only the `model.` and `lm_head.` tensors of the checkpoint; ties lm_head when the config says so.
-        quantization int8 or int4 quantizes the decoder's projections at load; an AWQ checkpoint loads as int4."""
+        """Reads only the `model.` and `lm_head.` tensors of the checkpoint, mapping those it uses as stored
+        (common.checkpoint); ties lm_head when the config says so. quantization int8 or int4 quantizes the decoder's
+        projections at load, one stacked matrix at a time; an AWQ checkpoint loads as int4."""
         full_config = load_config(model_dir)
         config = full_config.text
         with torch.device("meta"):
             model = cls(config)
-        tensors = read_tensors(model_dir, LANGUAGE, dtype, device, cast_integers=False)
+        tensors = read_stacked(Checkpoint(model_dir, LANGUAGE), model, dtype, device)
         if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         quantize_projections(tensors, quantization, full_config.quantization_config, dtype, Path(model_dir))
-        stack_projections(tensors, model, Path(model_dir))
         if shard is not None:  # tensor parallelism: this rank's slices, its modules resized (llm_worker.parallel)
             shard(model, tensors)
         quantize_linears(model.model.layers, tensors, "model.layers.")
@@ -187,20 +189,32 @@ class LanguageModel(nn.Module):
 STACKED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 
 
-def stack_projections(tensors: dict[str, Tensor], model: LanguageModel, source) -> None:
-    """Stacks each layer's q, k, v projections (and gate, up) into one matrix, as vLLM does: one GEMM instead of
-    three (two). At decode a small GEMM costs about the same whatever its width, so this is most of a step's GEMMs
-    less. Quantized projections (llm_worker.quant) stack their codes, scales and zeros the same way: all three have
-    the output channels on dim 0. Errors name the checkpoint's own tensors."""
+def read_stacked(checkpoint: Checkpoint, model: LanguageModel, dtype: torch.dtype, device) -> dict[str, Tensor]:
+    """The checkpoint's tensors by published name (Checkpoint.get), with each layer's q, k, v projections (and gate,
+    up) stacked into one matrix, as vLLM does: one GEMM instead of three (two), which at decode costs about the same
+    whatever its width. A stacked weight is mapped when its parts lie back to back in the file, else read into one
+    new matrix (Checkpoint.concat). An AWQ checkpoint's qweight, qzeros and scales hold the output channels on dim 1
+    and are stacked along it. Errors name the checkpoint's own tensors."""
+    tensors, parts_read = {}, set()
     for i, layer in enumerate(model.model.layers):
         for owner, (stacked, parts) in STACKED.items():
-            widths = layer.get_submodule(owner).widths
+            widths, prefix = layer.get_submodule(owner).widths, f"model.layers.{i}.{owner}."
             shapes = {kind: param.shape[1:] for kind, param in layer.get_submodule(f"{owner}.{stacked}").named_parameters()}
-            first = f"model.layers.{i}.{owner}.{parts[0]}."
-            shapes.update({kind: tensors[first + kind].shape[1:] for kind in QUANTIZED_KINDS if first + kind in tensors})
-            for kind, shape in shapes.items():
-                names = [f"model.layers.{i}.{owner}.{part}.{kind}" for part in parts]
-                stack = [checked(tensors, name, (width, *shape), source) for name, width in zip(names, widths)]
-                tensors[f"model.layers.{i}.{owner}.{stacked}.{kind}"] = torch.cat(stack)
-                for name in names:
-                    del tensors[name]
+            awq = f"{prefix}{parts[0]}.qweight" in checkpoint
+            if awq:
+                del shapes["weight"]
+            for kind in [*shapes, *(AWQ_PACKED if awq else ())]:
+                names = [f"{prefix}{part}.{kind}" for part in parts]
+                if kind in shapes:
+                    expected = [(width, *shapes[kind]) for width in widths]
+                else:  # AWQ (in, out / 8) and (in / group, out / 8 or out): the parts' widths scale dim 1
+                    rows, columns = checkpoint[names[0]].shape
+                    expected = [(rows, columns * width // widths[0]) for width in widths]
+                for name, shape in zip(names, expected):
+                    checkpoint.check(name, shape)
+                tensors[f"{prefix}{stacked}.{kind}"] = (
+                    checkpoint.concat(names, dtype, device) if kind in shapes
+                    else torch.cat([checkpoint.get(name, dtype, device) for name in names], 1))
+                parts_read.update(names)
+    tensors.update({name: checkpoint.get(name, dtype, device) for name in checkpoint.stored if name not in parts_read})
+    return tensors

@@ -2,11 +2,13 @@
 group of input channels), quantized at load from a float checkpoint or repacked from an AWQ one, on the matmul kernels
 PyTorch ships (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA).
 
-Loading goes in three steps (llm_worker.model.LanguageModel.from_pretrained): `quantize_projections` turns each
-decoder projection into codes (`weight`), `scales` and, for int4, `zeros`, all with the output channels on dim 0, so
-that stacking q/k/v and gate/up is a plain concatenation; `stack_projections` stacks them; `quantize_linears` packs
-the stacked codes for the kernel and swaps in the quantized modules. The embeddings, norms and lm_head stay float, as
-in Qwen's AWQ checkpoints.
+Loading goes in three steps (llm_worker.model.LanguageModel.from_pretrained): `read_stacked` stacks q/k/v and
+gate/up as they are read (float weights, or an AWQ checkpoint's packed tensors); `quantize_projections` turns each
+decoder projection, stacked or not, into codes (`weight`), `scales` and, for int4, `zeros`, one matrix at a time, the
+float one freed (its mapped pages unmapped) before the next is read; `quantize_linears` packs the codes for the
+kernel and swaps in the quantized modules. Scales are per output channel and groups run along the input, so
+quantizing a stacked matrix gives what stacking its quantized parts would. The embeddings, norms and lm_head stay
+float, as in Qwen's AWQ checkpoints.
 """
 
 import torch
@@ -14,6 +16,7 @@ from torch import Tensor, nn
 
 QUANTIZATIONS = ("int8", "int4")
 QUANTIZED_KINDS = ("scales", "zeros")  # what a quantized projection holds besides its codes (`weight`) and bias
+AWQ_PACKED = ("qweight", "qzeros", "scales")  # an AWQ projection's tensors besides its bias; output channels on dim 1
 GROUP_SIZE = 128  # int4: input channels sharing a scale and a zero (AWQ's and torchao's default)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels take
 INT4_ROWS = 16  # the CPU int4 kernel packs output channels 16 at a time (the CUDA one 8)

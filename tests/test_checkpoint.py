@@ -2,6 +2,8 @@
 dtypes; each half reads only its own tensors; a broken checkpoint gets an error that names the problem."""
 
 import json
+import mmap
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,7 +156,8 @@ def test_tensors_are_read_exactly_and_a_truncated_file_names_the_tensor(tmp_path
     read = read_tensors(tmp_path, "a.", torch.float32)
     assert read.keys() == stored.keys()
     for name, tensor in stored.items():
-        assert read[name].dtype == torch.float32 and torch.equal(read[name], tensor.float()), name
+        expected = tensor.float() if tensor.is_floating_point() else tensor  # integer tensors stay as stored
+        assert read[name].dtype == expected.dtype and torch.equal(read[name], expected), name
     data = (tmp_path / "model.safetensors").read_bytes()
     header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
     last = max(stored, key=lambda name: header[name]["data_offsets"][1])
@@ -170,3 +173,46 @@ def test_a_tensor_the_index_lists_but_its_shard_lacks_is_named(tmp_path, tokeniz
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(KeyError, match="'model.norm.extra' is listed in model.safetensors.index.json but not in the file"):
         read_tensors(sharded, LANGUAGE, torch.float32)
+
+
+def file_mappings(file) -> list[tuple[int, int]]:
+    """(first, end) addresses of this process's memory mappings of `file`, from /proc/self/maps."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(Path(file).resolve()):
+            spans.append(tuple(int(address, 16) for address in fields[0].split("-")))
+    return spans
+
+
+def test_weights_used_as_stored_are_the_checkpoints_own_pages(tiny_model):
+    """Loading copies only what it changes: q/k/v are stacked from parts that do not lie back to back in the file
+    (safetensors orders tensors by name: k_proj, o_proj, q_proj, v_proj), so they are read into a new matrix; gate
+    and up do lie back to back, and their stack is the file's pages, as are every other weight."""
+    model = LanguageModel.from_pretrained(tiny_model, torch.float32)
+    spans = file_mappings(tiny_model / "model.safetensors")
+    layer = model.model.layers[0]
+    as_stored = [model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight,
+                 layer.input_layernorm.weight, layer.self_attn.o_proj.weight, layer.mlp.gate_up_proj.weight,
+                 layer.mlp.down_proj.weight]
+    assert all(any(first <= t.data_ptr() < end for first, end in spans) for t in as_stored)
+    assert not any(first <= layer.self_attn.qkv_proj.weight.data_ptr() < end for first, end in spans)
+    cast = LanguageModel.from_pretrained(tiny_model, torch.bfloat16)  # a float32 file read as bfloat16: all copies
+    spans = file_mappings(tiny_model / "model.safetensors")
+    assert not any(first <= p.data_ptr() < end for p in cast.parameters() for first, end in spans)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_the_llm_half_maps_no_page_of_the_file_it_does_not_use(tiny_model, quantization):
+    """Every byte of the checkpoint this process maps after load and a forward belongs to a tensor of the model, up
+    to the page at each end of a mapping: not the visual tower, not the q/k/v parts once stacked, not the float
+    projections once quantized (each mapping is unmapped when its tensor is freed), so none of it can be resident."""
+    model = LanguageModel.from_pretrained(tiny_model, torch.float32, quantization=quantization)
+    S = IDS.shape[1]
+    with torch.inference_mode():
+        model(model.embed(IDS), torch.arange(S).expand(3, 1, S), torch.arange(S)[None], model.new_cache(1, S))
+    spans = file_mappings(tiny_model / "model.safetensors")
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers())}
+    for first, end in spans:
+        used = sum(nbytes for start, nbytes in storages.items() if first <= start < end)
+        assert 0 < used and end - first < used + 2 * mmap.PAGESIZE
