@@ -1,8 +1,8 @@
 """The web chat page (GET /, frontend/static/chat.html) in a real headless Chromium, Debian's, against `launch.py serve`
-with the embedded demo model: a grounding answer about an uploaded image streams in and its box is drawn where the
-answer puts it, scaled from the image the model saw (smart_resize) to the image shown; the page's smart_resize is
-visual_worker's; pixel limits set on the page go with the request, and its box follows them; a second turn sends the
-first with it and the page's sampling settings (no pixel limits unless set)."""
+with the embedded demo model: a pasted image waits for the next message; a grounding answer about an uploaded image
+streams in and its box is drawn where the answer puts it, scaled from the image the model saw (smart_resize) to the
+image shown; the page's smart_resize is visual_worker's; pixel limits set on the page go with the request, and its box
+follows them; a second turn sends the first with it and the page's sampling settings (no pixel limits unless set)."""
 
 import io
 import json
@@ -14,7 +14,7 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from examples.demo.tasks import EXAMPLE_IMAGE, example_scene, open_questions
-from tests.test_server import MODEL, ROOT, start_server, stop_server
+from tests.test_server import MODEL, ROOT, data_uri, start_server, stop_server
 from visual_worker.preprocess import PreprocessConfig, smart_resize
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's (.ci/run installs it); Playwright's own browser downloads are not used
@@ -37,7 +37,8 @@ def server():
 
 @pytest.fixture(scope="module")
 def browser():
-    assert CHROMIUM.is_file(), f"this test drives Debian's chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)"
+    assert CHROMIUM.is_file(), f"these tests drive Debian's chromium at {CHROMIUM}: apt-get install chromium " \
+                               "(.ci/run does)"
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM))
         yield chromium
@@ -89,19 +90,29 @@ def drawn_box(page) -> tuple[np.ndarray, tuple[int, int]]:
 
 def assert_box_outline(rgb: np.ndarray, rect: tuple[float, float, float, float], slack: int = 2) -> None:
     """The box colour lies along all four edges of rect (x1, y1, x2, y2 in shown pixels), and nowhere else."""
-    ys, xs = np.nonzero(is_box_colour(rgb))
+    mask = is_box_colour(rgb)
+    ys, xs = np.nonzero(mask)
     assert len(xs), "no box was drawn"
     x1, y1, x2, y2 = rect
-    within_x, within_y = (xs >= x1 - slack) & (xs <= x2 + slack), (ys >= y1 - slack) & (ys <= y2 + slack)
-    on_outline = (((abs(xs - x1) <= slack) | (abs(xs - x2) <= slack)) & within_y) | \
-                 (((abs(ys - y1) <= slack) | (abs(ys - y2) <= slack)) & within_x)
-    assert on_outline.all(), f"box colour off the expected outline {rect}, e.g. at {list(zip(xs[~on_outline], ys[~on_outline]))[:5]}"
-    mask = is_box_colour(rgb)
-    for edge, along in [("left", [mask[y, round(x1) - slack:round(x1) + slack + 1].any() for y in range(round(y1), round(y2))]),
-                        ("right", [mask[y, round(x2) - slack:round(x2) + slack + 1].any() for y in range(round(y1), round(y2))]),
-                        ("top", [mask[round(y1) - slack:round(y1) + slack + 1, x].any() for x in range(round(x1), round(x2))]),
-                        ("bottom", [mask[round(y2) - slack:round(y2) + slack + 1, x].any() for x in range(round(x1), round(x2))])]:
-        assert np.mean(along) > 0.9, f"the {edge} edge of {rect} is not drawn"
+
+    def near(v, edge):
+        return abs(v - edge) <= slack
+
+    def between(v, lo, hi):
+        return (v >= lo - slack) & (v <= hi + slack)
+
+    def band(edge):
+        return slice(round(edge) - slack, round(edge) + slack + 1)
+
+    on_outline = ((near(xs, x1) | near(xs, x2)) & between(ys, y1, y2)) | \
+                 ((near(ys, y1) | near(ys, y2)) & between(xs, x1, x2))
+    off = list(zip(xs[~on_outline].tolist(), ys[~on_outline].tolist()))[:5]
+    assert on_outline.all(), f"box colour off the outline of {rect}, e.g. at (x, y) {off}"
+    rows, columns = range(round(y1), round(y2)), range(round(x1), round(x2))
+    edges = {"left": [mask[y, band(x1)].any() for y in rows], "right": [mask[y, band(x2)].any() for y in rows],
+             "top": [mask[band(y1), x].any() for x in columns], "bottom": [mask[band(y2), x].any() for x in columns]}
+    for edge, drawn in edges.items():
+        assert np.mean(drawn) > 0.9, f"the {edge} edge of {rect} is not drawn"
 
 
 def test_the_page_carries_the_model_name_and_its_resize_rule(page):
@@ -126,8 +137,22 @@ def test_the_page_resizes_as_the_visual_worker_does(page):
     sizes += [tuple(int(v) for v in rng.integers(1, 3000, 2)) for _ in range(200)]
     sizes = [(h, w) for h, w in sizes if max(h, w) / min(h, w) <= 200]
     for lo, hi in [(CONFIG.min_pixels, CONFIG.max_pixels), (56 * 56, 28 * 28 * 1280)]:
-        got = page.evaluate("([sizes, lo, hi]) => sizes.map(([h, w]) => smartResize(h, w, 28, lo, hi))", [sizes, lo, hi])
+        got = page.evaluate("([sizes, lo, hi]) => sizes.map(([h, w]) => smartResize(h, w, 28, lo, hi))",
+                            [sizes, lo, hi])
         assert [tuple(s) for s in got] == [smart_resize(h, w, 28, lo, hi) for h, w in sizes]
+
+
+def test_a_pasted_image_waits_for_the_next_message_until_clicked_away(page):
+    png = data_uri(EXAMPLE_IMAGE.read_bytes())
+    page.evaluate("""async png => {
+        const clipboard = new DataTransfer();
+        clipboard.items.add(new File([await (await fetch(png)).blob()], "shapes.png", {type: "image/png"}));
+        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: clipboard}));
+    }""", png)
+    page.wait_for_function("document.querySelectorAll('#pending img').length === 1")
+    assert page.get_attribute("#pending img", "src") == png
+    page.click("#pending img")
+    assert page.locator("#pending img").count() == 0
 
 
 def test_a_grounding_answer_streams_in_and_its_box_is_drawn_on_the_image(page):
