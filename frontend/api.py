@@ -246,6 +246,11 @@ def unsupported_fields(req: BaseModel) -> None:
                                 "than answered without it", name, "unsupported_parameter")
 
 
+# JSON as OpenAI writes it: ", " and ": " between items, no other whitespace. llguidance's default takes any run of
+# whitespace anywhere, which a weak model can fill until max_tokens; a schema's own "x-guidance" overrides this.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def grammar(req: ChatRequest) -> str | None:
     """llguidance's grammar for what the answer must be: a forced tool call in Qwen2.5's <tool_call> format (the
     arguments matching the tool's parameters), or JSON (any object, or one matching a schema); None: free text."""
@@ -253,19 +258,21 @@ def grammar(req: ChatRequest) -> str | None:
         calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                    "arguments": t.function.parameters or {"type": "object"}},
                   "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        schema = {"x-guidance": JSON_OPTIONS, **(calls[0] if len(calls) == 1 else {"anyOf": calls})}
         source, param = llguidance.LLMatcher.grammar_from_lark(
             f'start: <tool_call> "\\n" call "\\n" </tool_call>\ncall: %json {json.dumps(schema)}'), "tools"
     elif req.response_format is None or req.response_format.type == "text":
         return None
     elif req.response_format.type == "json_object":
-        source, param = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}), "response_format"
+        source = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+        param = "response_format"
     else:
         spec = req.response_format.json_schema
         if spec is None:
             raise APIError(400, "response_format json_schema needs its json_schema field", "response_format")
         try:
-            source = llguidance.LLMatcher.grammar_from_json_schema(spec.json_schema or {"type": "object"})
+            source = llguidance.LLMatcher.grammar_from_json_schema(spec.json_schema or {"type": "object"},
+                                                                   defaults=JSON_OPTIONS)
         except ValueError as e:
             raise APIError(400, f"response_format: the schema is not usable: {e}", "response_format") from None
         param = "response_format"

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import sys
 import threading
 import time
@@ -481,12 +482,18 @@ def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPo
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
         errors = e.errors()
-        first = errors[0]
-        if first["type"] == "json_invalid":
+        if errors[0]["type"] == "json_invalid":
             return APIError(400, "the request body is not valid JSON").response()
-        where = ".".join(str(x) for x in first["loc"] if x != "body")
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        return APIError(400, f"{where}: {first['msg']}{more}", where or None).response()
+
+        def field_path(loc) -> str:  # without "body" and the union branches pydantic tried (str, list[...], TextPart)
+            return ".".join(str(x) for x in loc if x != "body" and not (isinstance(x, str) and re.match(
+                r"^([A-Z]|str$|int$|float$|bool$|list\[|dict\[|function-|json-or-python|literal\[|tagged-union)", x)))
+
+        where = field_path(errors[0]["loc"])
+        same = [err for err in errors if field_path(err["loc"]) == where]  # one field's failed union branches
+        reasons = " or ".join(dict.fromkeys(err["msg"] for err in same))
+        more = f" (and {len(errors) - len(same)} more)" if len(errors) > len(same) else ""
+        return APIError(400, f"{where}: {reasons}{more}", where or None).response()
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):

@@ -82,13 +82,13 @@ class Sequence:
     seen: Tensor | None = None  # (vocab,) bool: tokens of the prompt or the output, for repetition_penalty
 
     def push(self, token: int, max_len: int) -> None:
+        if self.constraint is not None and token not in self.eos_token_ids:
+            self.constraint.accept(token)  # first: a token that breaks the grammar is never part of the output
         self.tokens.append(token)
         if self.counts is not None:
             self.counts[token] += 1
         if self.seen is not None:
             self.seen[token] = True
-        if self.constraint is not None and token not in self.eos_token_ids:
-            self.constraint.accept(token)
         if token in self.eos_token_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.params.max_new_tokens or self.length >= max_len:
@@ -123,7 +123,7 @@ class Sequence:
         """The next token from this row's raw logits (vocab,); best is their argmax when the caller has it. With
         params.logprobs set, the token's log-probability (and the top ones) is recorded first."""
         p = self.params
-        if p.adjusts_logits:
+        if p.adjusts_logits or self.constraint is not None:
             token = sample(self.adjust(logits), p, self.generator)
         elif p.temperature == 0 and best is not None:
             token = best

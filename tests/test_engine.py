@@ -217,3 +217,101 @@ def test_abort_all_ends_every_row_with_the_error():
             for _ in range(2)]
     failed = engine.abort_all(RuntimeError("step failed"))
     assert failed == seqs and engine.active == [] and all(s.finish_reason == "error" for s in seqs)
+
+
+class FixedModel(CountingModel):
+    """The same logits at every step, whatever the input: LOGITS, descending with a step of 0.25, so a token's place
+    changes only by what stands between the logits and the draw."""
+
+    LOGITS = torch.arange(VOCAB, 0, -1).float() * 0.25
+
+    def __call__(self, embeds, positions, slots, cache, logits_at=None, first_row=0):
+        B, S, _ = embeds.shape
+        logits = self.LOGITS.expand(B, S, VOCAB)
+        return logits[:, -1] if logits_at is not None else logits
+
+
+def run_fixed(params, prompt=(1, 2), constraint=None):
+    engine = Engine(FixedModel(), max_batch=2, max_len=64)
+    embeds = torch.tensor(prompt, dtype=torch.float)[:, None]
+    seq = engine.add(embeds, torch.arange(len(prompt)).expand(3, -1), 0, params, (), prompt, constraint)
+    while seq.finish_reason is None:
+        engine.step()
+    return seq
+
+
+def test_frequency_and_presence_penalties_follow_openai_formula():
+    """logit - frequency_penalty * count - presence_penalty * (count > 0), counted over the output only."""
+    params = SamplingParams(max_new_tokens=12, frequency_penalty=0.6, presence_penalty=0.3)
+    counts, expected = torch.zeros(VOCAB), []
+    for _ in range(12):
+        expected.append(int((FixedModel.LOGITS - 0.6 * counts - 0.3 * (counts > 0)).argmax()))
+        counts[expected[-1]] += 1
+    assert run_fixed(params, prompt=(0, 1)).tokens == expected
+    assert len(set(expected)) > 1  # the penalties changed the answer: plain greedy repeats token 0
+
+
+def test_repetition_penalty_equals_transformers_processor_over_prompt_and_output():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    processor, ids = RepetitionPenaltyLogitsProcessor(1.8), torch.tensor([[0, 3]])
+    expected = []
+    for _ in range(8):
+        expected.append(int(processor(ids, FixedModel.LOGITS[None].clone()).argmax()))
+        ids = torch.cat([ids, torch.tensor([[expected[-1]]])], 1)
+    assert run_fixed(SamplingParams(max_new_tokens=8, repetition_penalty=1.8), prompt=(0, 3)).tokens == expected
+    assert expected[0] == 1  # the prompt's tokens 0 and 3 were penalised too
+
+
+def test_logit_bias_moves_tokens():
+    assert run_fixed(SamplingParams(max_new_tokens=3, logit_bias={7: 100.0})).tokens == [7, 7, 7]
+    assert run_fixed(SamplingParams(max_new_tokens=2, logit_bias={0: -100.0})).tokens == [1, 1]
+    with pytest.raises(ValueError, match="past this model's 50 logits"):
+        run_fixed(SamplingParams(max_new_tokens=2, logit_bias={VOCAB: 1.0}))
+
+
+def test_logprobs_are_the_raw_logits_log_softmax_with_the_top_ones():
+    params = SamplingParams(max_new_tokens=3, logprobs=4, logit_bias={5: 100.0})
+    seq = run_fixed(params)
+    reference = torch.log_softmax(FixedModel.LOGITS, -1)  # raw: before logit_bias, as vLLM reports them
+    assert seq.tokens == [5, 5, 5] and len(seq.logprobs) == 3
+    for lp in seq.logprobs:
+        assert lp.logprob == pytest.approx(float(reference[5]), abs=1e-6)
+        assert [t for t, _ in lp.top] == [0, 1, 2, 3]
+        assert [v for _, v in lp.top] == pytest.approx(reference[:4].tolist(), abs=1e-6)
+    assert run_fixed(SamplingParams(max_new_tokens=2)).logprobs == []
+
+
+class EvenTokens:
+    """A grammar that allows even tokens only, records what it was given, and breaks at its token number fail_at."""
+
+    def __init__(self, fail_at=None):
+        self.accepted, self.fail_at = [], fail_at
+
+    def allowed(self, vocab):
+        return torch.arange(vocab) % 2 == 0
+
+    def accept(self, token):
+        if len(self.accepted) == self.fail_at:
+            raise ValueError("left the grammar")
+        self.accepted.append(token)
+
+
+def test_a_constraint_masks_every_draw_greedy_and_sampled():
+    grammar = EvenTokens()
+    seq = run_fixed(SamplingParams(max_new_tokens=6, logit_bias={1: 100.0}), constraint=grammar)
+    assert seq.tokens == [0] * 6 and grammar.accepted == seq.tokens  # the biased odd token stays masked
+    grammar = EvenTokens()
+    seq = run_fixed(SamplingParams(max_new_tokens=20, temperature=5.0, seed=3), constraint=grammar)
+    assert all(t % 2 == 0 for t in seq.tokens) and len(set(seq.tokens)) > 1 and grammar.accepted == seq.tokens
+
+
+def test_a_sequence_whose_token_breaks_its_grammar_fails_alone():
+    engine = Engine(FixedModel(), max_batch=2, max_len=64)
+    embeds, positions = torch.tensor([[1.0]]), torch.zeros(3, 1, dtype=torch.long)
+    bad = engine.add(embeds, positions, 0, SamplingParams(max_new_tokens=5), (), (1,), EvenTokens(fail_at=2))
+    good = engine.add(embeds, positions, 0, SamplingParams(max_new_tokens=5), (), (1,), EvenTokens())
+    while good.finish_reason is None:
+        engine.step()
+    assert bad.finish_reason == "error" and "left the grammar" in str(bad.error) and len(bad.tokens) == 2
+    assert good.tokens == [0] * 5 and good.finish_reason == "length"
