@@ -239,6 +239,13 @@ def test_mm_processor_kwargs_set_the_resized_area_per_request(client, tiny_model
              extra_body={"mm_processor_kwargs": {"min_pixels": 10000, "max_pixels": 5000}})
     with pytest.raises(openai.BadRequestError, match="mm_processor_kwargs"):
         chat(client, extra_body={"mm_processor_kwargs": {"size": 3}})
+    # an image resized past what the context holds is refused before the ViT, with the numbers
+    huge = 28 * 28 * 5000
+    h3, w3 = smart_resize(300, 200, 28, huge, huge * 2)
+    visual = h3 * w3 // (28 * 28)
+    with pytest.raises(openai.BadRequestError, match=rf"\({visual} visual tokens\), over the 4095 this model's context"):
+        chat(client, [{"role": "user", "content": content}],
+             extra_body={"mm_processor_kwargs": {"min_pixels": huge, "max_pixels": huge * 2}})
 
 
 def test_limit_mm_per_prompt_refuses_before_fetching(client):
