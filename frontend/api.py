@@ -164,18 +164,14 @@ class MMProcessorKwargs(BaseModel):
 Stop = Annotated[str, Field(min_length=1, max_length=256)]
 
 
-class ChatRequest(BaseModel):
-    """OpenAI's chat request (and vLLM's extensions top_k, repetition_penalty, ignore_eos, mm_processor_kwargs). Any
-    other field is refused with a 400 naming it (`unsupported_fields`), never dropped; a few are taken at the value
-    that asks for nothing (DEFAULT_ONLY)."""
+class Sampling(BaseModel):
+    """The fields the chat and completions requests share: how to sample, how much, and how to answer."""
 
     model_config = ConfigDict(extra="allow")
     model: str
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=2**31 - 1)
@@ -186,6 +182,43 @@ class ChatRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    ignore_eos: bool = False
+    user: str | None = Field(None, max_length=256)  # the caller's label for itself: accepted, as OpenAI's, and unused
+
+    def logit_bias_ids(self, vocab: int) -> dict[int, float]:
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab:
+                raise APIError(400, f"logit_bias keys are token ids below {vocab}, got {key!r}", "logit_bias")
+            out[int(key)] = bias
+        return out
+
+
+class CompletionRequest(Sampling):
+    """OpenAI's legacy completions: a prompt continued as it is, no chat template. `echo` puts the prompt before the
+    answer; `logprobs` is how many top tokens to report with each one's (OpenAI allows 5)."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | \
+        Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=1 << 20)]
+    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def check(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs asks for the prompt's log-probabilities, which this server does not "
+                             "compute; send one of them")
+        return self
+
+
+class ChatRequest(Sampling):
+    """OpenAI's chat request (and vLLM's extensions top_k, repetition_penalty, ignore_eos, mm_processor_kwargs). Any
+    other field is refused with a 400 naming it (`unsupported_fields`), never dropped; a few are taken at the value
+    that asks for nothing (DEFAULT_ONLY)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
@@ -193,8 +226,6 @@ class ChatRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     mm_processor_kwargs: MMProcessorKwargs | None = None
-    ignore_eos: bool = False
-    user: str | None = Field(None, max_length=256)  # the caller's label for itself: accepted, as OpenAI's, and unused
 
     @model_validator(mode="after")
     def check(self):
@@ -223,14 +254,6 @@ class ChatRequest(BaseModel):
         if isinstance(self.tool_choice, NamedToolChoice):
             return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
         return None
-
-    def logit_bias_ids(self, vocab: int) -> dict[int, float]:
-        out = {}
-        for key, bias in (self.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= vocab:
-                raise APIError(400, f"logit_bias keys are token ids below {vocab}, got {key!r}", "logit_bias")
-            out[int(key)] = bias
-        return out
 
 
 # fields OpenAI clients send at values that change nothing: taken at those values, refused at any other

@@ -36,6 +36,15 @@ class Prompter:
         return Request(request_id or uuid.uuid4().hex, ids, media, sampling, pixels,
                        max_prompt_tokens=self.context_len - 1)
 
+    def tokens_request(self, ids: list[int], sampling: SamplingParams, request_id: str) -> Request:
+        """A prompt given as it is (token ids, no chat template) → a Request with no media."""
+        if len(ids) + 1 > self.context_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens, which leaves no room in a context of "
+                             f"{self.context_len} tokens")
+        if max(ids) >= self.tokenizer.vocab_size:
+            raise ValueError(f"token {max(ids)} is past this model's vocabulary of {self.tokenizer.vocab_size}")
+        return Request(request_id, ids, [], sampling, max_prompt_tokens=self.context_len - 1)
+
     @staticmethod
     def _part(part: dict, media: list) -> dict:
         if part["type"] == "image":

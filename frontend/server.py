@@ -31,9 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.messages import MAX_SEED, Error, Finish, Logprob, PixelLimits, SamplingParams, TokenEntry
 from common.options import Options
-from frontend.api import (MAX_BODY_BYTES, APIError, ChatRequest, DetokenizeRequest, ImagePart, MMProcessorKwargs,
-                          TextPart, TokenizeRequest, ToolStream, VideoPart, grammar, parse_tool_calls,
-                          unsupported_fields)
+from frontend.api import (MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, ImagePart,
+                          MMProcessorKwargs, Sampling, TextPart, TokenizeRequest, ToolStream, VideoPart, grammar,
+                          parse_tool_calls, unsupported_fields)
 from frontend.metrics import Metrics
 from frontend.media import MediaError, MediaPolicy, fetch_image, image_size, read_video
 from frontend.pipeline import NoWorker, Pipeline, choose_workers
@@ -169,7 +169,8 @@ class Server:
         self.metrics = Metrics(model_name)
         self.router: Router | None = None
 
-    def sampling(self, req: ChatRequest) -> SamplingParams:
+    def sampling(self, req: Sampling, max_new_tokens: int | None, logprobs: int | None = None,
+                 grammar_source: str | None = None) -> SamplingParams:
         """The request's sampling settings, checked by SamplingParams as the LLM worker will check them; what it
         leaves unset comes from the checkpoint's generation_config.json, then OpenAI's defaults."""
         def pick(name: str, fallback):
@@ -179,15 +180,19 @@ class Server:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             return SamplingParams(
-                max_new_tokens=req.max_completion_tokens or req.max_tokens or self.default_max_tokens,
+                max_new_tokens=max_new_tokens or self.default_max_tokens,
                 temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
                 seed=req.seed, ignore_eos=req.ignore_eos, stop=tuple(stop),
                 frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
                 repetition_penalty=pick("repetition_penalty", 1.0),
-                logit_bias=req.logit_bias_ids(self.prompter.tokenizer.vocab_size),
-                logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=grammar(req))
+                logit_bias=req.logit_bias_ids(self.prompter.tokenizer.vocab_size), logprobs=logprobs,
+                grammar=grammar_source)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+
+    def chat_sampling(self, req: ChatRequest) -> SamplingParams:
+        return self.sampling(req, req.max_completion_tokens or req.max_tokens,
+                             (req.top_logprobs or 0) if req.logprobs else None, grammar(req))
 
     async def media_part(self, part: ImagePart | VideoPart, index: int, fps: float) -> tuple[dict, int]:
         """An image or video part → the prompt builder's part holding its bytes or frames, and its decoded pixels."""
@@ -245,7 +250,7 @@ class Server:
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_on else None
 
         def build():
-            return self.prompter.request(messages, self.sampling(req), pixels, rid, tools)
+            return self.prompter.request(messages, self.chat_sampling(req), pixels, rid, tools)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self.text_work, build)
@@ -301,28 +306,35 @@ class Server:
     def logprobs_of(self, event: TokenEntry) -> list[dict]:
         return [self.logprob_entry(t, lp) for t, lp in zip(event.token_ids, event.logprobs)]
 
-    async def chat(self, req: ChatRequest):
-        unsupported_fields(req)
-        self.check_model(req.model)
-        rid = uuid.uuid4().hex
-        self.router.check()
-        first_request = await self.to_request(req, rid)
+    async def launch(self, req: Sampling, first_request):
+        """Sends the request's n choices (copies of first_request, a common.messages.Request; with a seed, choice i
+        samples with seed + i, so the choices differ and each is reproducible) → (their events, the first one), errors
+        before the first token raised with their HTTP status."""
+        rid = first_request.id
         requests = [first_request] + [msgspec.structs.replace(
             first_request, id=f"{rid}-{i}", sampling=msgspec.structs.replace(
                 first_request.sampling, seed=None if req.seed is None else (req.seed + i) % (MAX_SEED + 1)))
-            for i in range(1, req.n)]  # seeded choices differ from one another, and each is reproducible
+            for i in range(1, req.n)]
         rids = [r.id for r in requests]
         results = self.results(rids, self.router.open(rids))
         try:
             for request in requests:
                 self.send(request)
-            first = await anext(results)  # errors before the first token still get their HTTP status
+            return results, await anext(results)
         except BaseException:
             await results.aclose()
             raise
+
+    async def chat(self, req: ChatRequest):
+        unsupported_fields(req)
+        self.check_model(req.model)
+        rid = uuid.uuid4().hex
+        self.router.check()
+        results, first = await self.launch(req, await self.to_request(req, rid))
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": self.model_name}
         if req.stream:
             return StreamingResponse(self.stream(head, req, first, results), media_type="text/event-stream")
+        requests = range(req.n)
         choices = [Choice() for _ in requests]
         try:
             async for i, event in _chain(first, results):
@@ -345,6 +357,86 @@ class Server:
                         "logprobs": {"content": c.logprobs} if req.logprobs else None})
         return {**head, "object": "chat.completion", "choices": out,
                 "usage": usage_of([c.finish for c in choices])}
+
+    async def completions(self, req: CompletionRequest):
+        """/v1/completions: the prompt continued as it is. Its answers, and their logprobs in the legacy shape
+        (tokens, token_logprobs, top_logprobs, text_offset), streamed or not."""
+        unsupported_fields(req)
+        self.check_model(req.model)
+        rid = uuid.uuid4().hex
+        self.router.check()
+        tokenizer = self.prompter.tokenizer
+
+        def build():
+            ids = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+            return self.prompter.tokens_request(ids, self.sampling(req, req.max_tokens, req.logprobs), rid)
+
+        try:
+            request = await asyncio.get_running_loop().run_in_executor(self.text_work, build)
+        except UnicodeEncodeError:
+            raise APIError(400, "the prompt is not valid Unicode (a lone surrogate?)", "prompt") from None
+        except ValueError as e:
+            raise APIError(400, str(e), "prompt") from None
+        echo = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(req.prompt)) if req.echo else ""
+        results, first = await self.launch(req, request)
+        head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+        offsets = [len(echo)] * req.n
+
+        def logprobs_of(i: int, event: TokenEntry) -> dict:
+            entries = self.logprobs_of(event)
+            out = {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                   "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                   "text_offset": [offsets[i]] * len(entries)}
+            offsets[i] += len(event.text)
+            return out
+
+        if req.stream:
+            async def stream():
+                include_usage = req.stream_options is not None and req.stream_options.include_usage
+                extra, finishes = ({"usage": None} if include_usage else {}), []
+
+                def chunk(i, text, reason=None, logprobs=None) -> str:
+                    choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                    return f"data: {json.dumps({**head, **extra, 'choices': [choice]})}\n\n"
+
+                try:
+                    for i in range(req.n if echo else 0):
+                        yield chunk(i, echo)
+                    async for i, item in _chain(first, results):
+                        if isinstance(item, TokenEntry):
+                            yield chunk(i, item.text, logprobs=logprobs_of(i, item) if req.logprobs is not None
+                                        else None)
+                        else:
+                            finishes.append(item)
+                            yield chunk(i, "", item.finish_reason)
+                    if include_usage:
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage_of(finishes)})}\n\n"
+                except APIError as e:
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                finally:
+                    await results.aclose()
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+        texts, logprobs, finishes = [[] for _ in range(req.n)], [[] for _ in range(req.n)], [None] * req.n
+        try:
+            async for i, event in _chain(first, results):
+                if isinstance(event, TokenEntry):
+                    logprobs[i].append(logprobs_of(i, event))
+                    texts[i].append(event.text)
+                else:
+                    finishes[i] = event
+        finally:
+            await results.aclose()
+
+        def merged(parts: list[dict]) -> dict:
+            return {k: [x for part in parts for x in part[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                         "text_offset")}
+
+        return {**head, "choices": [{"index": i, "text": echo + "".join(texts[i]),
+                                     "finish_reason": finishes[i].finish_reason,
+                                     "logprobs": merged(logprobs[i]) if req.logprobs is not None else None}
+                                    for i in range(req.n)], "usage": usage_of(finishes)}
 
     async def stream(self, head: dict, req: ChatRequest, first, results):
         """Server-sent events in the shape of OpenAI's chat.completion.chunk, one for every generated token (its text
@@ -400,6 +492,21 @@ async def _chain(first, rest):
     yield first
     async for item in rest:
         yield item
+
+
+async def until_gone(work, request: Request):
+    """The answer, or a 499 when the client goes away first (its requests are then cancelled in the workers); once a
+    stream has begun, StreamingResponse watches for that itself."""
+    answer = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(client_gone(request))
+    await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if answer.done():
+        return answer.result()
+    answer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await answer
+    return Response(status_code=499)  # "client closed request"; no one is there to read it
 
 
 async def client_gone(request: Request) -> None:
@@ -531,18 +638,11 @@ def create_app(pipeline: Pipeline, model_name: str, media: MediaPolicy = MediaPo
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        """Answers, or gives up when the client goes away first (its request is then cancelled in the workers); once
-        a stream has begun, StreamingResponse watches for that itself."""
-        answer = asyncio.ensure_future(server.chat(req))
-        gone = asyncio.ensure_future(client_gone(request))
-        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if answer.done():
-            return answer.result()
-        answer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await answer
-        return Response(status_code=499)  # "client closed request"; no one is there to read it
+        return await until_gone(server.chat(req), request)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await until_gone(server.completions(req), request)
 
     @app.get("/v1/models")
     async def models():

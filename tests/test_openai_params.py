@@ -290,3 +290,30 @@ def test_metrics_count_what_the_requests_did(server, client):
     assert grew("vllm:inter_token_latency_seconds_count") == sum(a.usage.completion_tokens - 1 for a in answers)
     assert grew("vllm:mm_cache_queries_total") == 1
     assert after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
+
+
+def test_completions_continue_the_prompt_as_it_is(server, client, reference):
+    tokenizer = Tokenizer.from_dir(reference.name_or_path)
+    ids = tokenizer.encode("The capital of France is")
+    expected = hf_greedy(reference, ids, 6)
+    answer = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                       logprobs=2)
+    choice = answer.choices[0]
+    assert choice.text == tokenizer.decode(expected) and answer.usage.prompt_tokens == len(ids)
+    assert [t.encode() for t in choice.logprobs.tokens] == [tokenizer.token_bytes(t) for t in expected]
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids + expected[:-1]])).logits[0, len(ids) - 1:].float()
+    assert choice.logprobs.token_logprobs == pytest.approx(
+        torch.log_softmax(logits, -1).gather(1, torch.tensor(expected)[:, None])[:, 0].tolist(), abs=1e-4)
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, echo=True, n=2)
+    assert [c.text for c in by_ids.choices] == ["The capital of France is" + choice.text] * 2
+    streamed = "".join(c.text for e in client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
+                                                                 stream=True) for c in e.choices)
+    assert streamed == choice.text
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(model=MODEL, prompt="x", echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="past this model's vocabulary"):
+        client.completions.create(model=MODEL, prompt=[10**9], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model=MODEL, prompt="x", suffix="y")
