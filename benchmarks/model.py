@@ -10,7 +10,11 @@ cached), unless --model names a checkpoint. The machine's memory bandwidth bound
 ceiling and how close each side gets. Other processes on the machine disturb the timings; the header says how many
 cores they kept busy, and --rounds keeps each metric's best over interleaved runs.
 
-    python -m benchmarks.model [--quick] [--rounds N] [--model DIR] [--grid T H W] [--quantized-only]
+--load-only measures only loading the LLM half, ours in bfloat16, int8 and int4 against transformers: seconds to
+load, peak RSS right after, then the first token of a small prompt (where mapped weights are faulted in) and the peak
+RSS after it.
+
+    python -m benchmarks.model [--quick] [--rounds N] [--model DIR] [--grid T H W] [--quantized-only | --load-only]
                                [--out results/model.json]
 """
 
@@ -61,6 +65,7 @@ QUICK_VISION = {**VISION_3B, "depth": 4, "fullatt_block_indexes": [1, 3]}
 
 WORKERS = ("ours-visual", "transformers-visual", "ours-llm", "transformers-llm")
 QUANTIZED_WORKERS = ("ours-llm-int8", "ours-llm-int4")  # our LLM half, compared with "ours-llm" (bfloat16)
+LOAD_WORKERS = ("load-transformers-llm", "load-ours-llm", "load-ours-llm-int8", "load-ours-llm-int4")
 GIB = 2**30
 
 
@@ -152,7 +157,8 @@ class OursGenerator:
 
     def __init__(self, model_dir, quantization=None):
         self.config = load_config(model_dir)
-        self.model = LanguageModel.from_pretrained(model_dir, dtype=torch.bfloat16, quantization=quantization)
+        self.load_s, self.model = timed(
+            lambda: LanguageModel.from_pretrained(model_dir, dtype=torch.bfloat16, quantization=quantization))
 
     def reset(self, prompt_tokens: int) -> None:
         """A fresh engine: a server allocates its KV cache once, so that is not part of a request's prefill."""
@@ -228,16 +234,36 @@ def time_generation(generator, hidden: int, grid, repeats: int) -> dict:
 
 
 def ours_llm(model_dir, grid, repeats, quantization=None) -> dict:
-    load_s, generator = timed(lambda: OursGenerator(model_dir, quantization))
+    generator = OursGenerator(model_dir, quantization)
     result = time_generation(generator, generator.config.text.hidden_size, grid, repeats)
     context = result["prompt_tokens"] + DECODE_TOKENS / 2  # the mean cache length over the decode steps
-    return {"load_s": load_s, **result, "decode_bytes": generator.bytes_per_decode_step(context)}
+    return {"load_s": generator.load_s, **result, "decode_bytes": generator.bytes_per_decode_step(context)}
 
 
 def transformers_llm(model_dir, grid, repeats) -> dict:
     generator = TransformersGenerator(model_dir)
     hidden = generator.model.config.text_config.hidden_size
     return {"load_s": generator.load_s, **time_generation(generator, hidden, grid, repeats)}
+
+
+def load_and_first_token(generator, hidden: int) -> dict:
+    """The generator's load seconds and the peak RSS right after; then the seconds to the first token of the warm-up
+    prompt (memory-mapped weights are faulted in there, by either side)."""
+    load_rss = peak_rss_gib()
+    ids = prompt_ids(WARMUP_GRID)
+    generator.reset(len(ids))
+    first_s, _ = timed(lambda: generator.prefill(ids, random_image_embeds(WARMUP_GRID, hidden), WARMUP_GRID))
+    return {"load_s": generator.load_s, "load_peak_rss_gib": load_rss, "first_token_s": first_s}
+
+
+def load_ours(model_dir, _grid, _repeats, quantization=None) -> dict:
+    generator = OursGenerator(model_dir, quantization)
+    return load_and_first_token(generator, generator.config.text.hidden_size)
+
+
+def load_theirs(model_dir, _grid, _repeats) -> dict:
+    generator = TransformersGenerator(model_dir)
+    return load_and_first_token(generator, generator.model.config.text_config.hidden_size)
 
 
 def bandwidth_worker(_model_dir, _grid, _repeats) -> dict:
@@ -253,6 +279,9 @@ WORKER_FUNCTIONS = {
     "ours-llm": ours_llm, "transformers-llm": transformers_llm, "bandwidth": bandwidth_worker,
     "ours-llm-int8": functools.partial(ours_llm, quantization="int8"),
     "ours-llm-int4": functools.partial(ours_llm, quantization="int4"),
+    "load-transformers-llm": load_theirs, "load-ours-llm": load_ours,
+    "load-ours-llm-int8": functools.partial(load_ours, quantization="int8"),
+    "load-ours-llm-int4": functools.partial(load_ours, quantization="int4"),
 }
 
 
@@ -277,7 +306,8 @@ def spawn(name: str, model_dir: Path, grid, repeats: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-BEST = {"vit_s": min, "prefill_s": min, "decode_tok_s": max, "load_s": min, "peak_rss_gib": min, "bytes_per_s": max}
+BEST = {"vit_s": min, "prefill_s": min, "decode_tok_s": max, "load_s": min, "peak_rss_gib": min, "bytes_per_s": max,
+        "load_peak_rss_gib": min, "first_token_s": min}
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -298,7 +328,7 @@ def children_cpu_seconds() -> float:
 def run_rounds(model_dir: Path, grid, repeats: int, rounds: int, workers) -> tuple[dict[str, list[dict]], float]:
     """Every worker `rounds` times, interleaved → each worker's runs, and the cores that other processes kept busy
     meanwhile on average (anything well above 0 means the timings are disturbed)."""
-    runs = {name: [] for name in (*workers, "bandwidth")}
+    runs = {name: [] for name in workers}
     busy, ours, start = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
     for _ in range(rounds):
         for name, name_runs in runs.items():
@@ -360,6 +390,22 @@ def quantized_rows(results: dict, bandwidth: float) -> list[tuple[str, float, fl
     ]
 
 
+def load_rows(results: dict) -> list[tuple[str, float, float, float, float, float, float, float]]:
+    """(label, transformers, ours bfloat16, int8, int4, and ours / transformers for each of ours)."""
+    runs = [results[name] for name in LOAD_WORKERS]
+    labels = {"load_s": "load s LLM half", "load_peak_rss_gib": "peak RSS after load GiB",
+              "first_token_s": "first token s (warm-up prompt)", "peak_rss_gib": "peak RSS after it GiB"}
+    return [(label, *(run[key] for run in runs), *(run[key] / runs[0][key] for run in runs[1:]))
+            for key, label in labels.items()]
+
+
+def load_report(rows) -> str:
+    lines = [f"{'':34}{'transformers':>13}{'ours bf16':>10}{'int8':>8}{'int4':>8}   ours / transformers",
+             *(f"{label:34}{theirs:13.3f}{bf16:10.3f}{int8:8.3f}{int4:8.3f}   "
+               + " / ".join(f"{ratio:.2f}" for ratio in ratios) for label, theirs, bf16, int8, int4, *ratios in rows)]
+    return "\n".join(lines)
+
+
 def quantized_report(rows) -> str:
     lines = [f"our LLM half, decoder weights quantized at load (--quantization):",
              f"{'':44}{'bfloat16':>10}{'int8':>10}{'int4':>10}"]
@@ -392,7 +438,9 @@ def main() -> None:
                         help=f"the image's patch grid (default {FULL_GRID}: 1280x720; --quick {QUICK_GRID})")
     parser.add_argument("--quantized-only", action="store_true",
                         help="only our LLM half in bfloat16, int8 and int4 (no ViT, no transformers)")
-    parser.add_argument("--out", type=Path, default=Path("results/model.json"))
+    parser.add_argument("--load-only", action="store_true",
+                        help="only loading the LLM half: ours in bfloat16, int8 and int4 against transformers")
+    parser.add_argument("--out", type=Path, help="default results/model.json (--load-only: results/model_load.json)")
     parser.add_argument("--worker", choices=sorted(WORKER_FUNCTIONS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -401,19 +449,33 @@ def main() -> None:
     grid = tuple(args.grid) if args.grid else QUICK_GRID if args.quick else FULL_GRID
     model_dir = args.model or ensure_checkpoint(args.cache / ("bench-quick-random" if args.quick else "bench-3b-random"),
                                                 args.quick)
-    workers = ("ours-llm", *QUANTIZED_WORKERS) if args.quantized_only else (*WORKERS, *QUANTIZED_WORKERS)
+    out = args.out or Path("results/model_load.json" if args.load_only else "results/model.json")
+    if args.load_only:
+        workers = LOAD_WORKERS
+    elif args.quantized_only:
+        workers = ("ours-llm", *QUANTIZED_WORKERS, "bandwidth")
+    else:
+        workers = (*WORKERS, *QUANTIZED_WORKERS, "bandwidth")
     runs, other_cores = run_rounds(model_dir, grid, args.repeats, args.rounds, workers)
     results = {name: best_of(name_runs) for name, name_runs in runs.items()}
-    bandwidth = results["bandwidth"]["bytes_per_s"]
     text = load_config(model_dir).text
     t, h, w = grid
     header = (
         f"{model_dir} ({text.num_hidden_layers} text layers, hidden {text.hidden_size}), bfloat16, "
-        f"{results['ours-llm']['threads']} threads, best of {args.rounds} round(s); other processes kept "
-        f"{other_cores:.2f} cores busy meanwhile\nimage grid {grid}: {t * h * w} patches, {t * h * w // 4} visual "
-        f"tokens (preprocessing not timed); greedy {DECODE_TOKENS} tokens, no EOS stop"
+        f"{results[workers[0]]['threads']} threads, best of {args.rounds} round(s); other processes kept "
+        f"{other_cores:.2f} cores busy meanwhile"
     )
     record = {"model": str(model_dir), "grid": grid, "other_processes_cores": other_cores, "runs": runs}
+    if args.load_only:
+        rows = load_rows(results)
+        print(f"{header}\nloading the LLM half, each in a fresh process\n{load_report(rows)}")
+        keys = ("row", "transformers", "bfloat16", "int8", "int4", "bfloat16 / transformers", "int8 / transformers",
+                "int4 / transformers")
+        record["load_rows"] = [dict(zip(keys, row)) for row in rows]
+        return write_record(record, out)
+    bandwidth = results["bandwidth"]["bytes_per_s"]
+    header += (f"\nimage grid {grid}: {t * h * w} patches, {t * h * w // 4} visual tokens (preprocessing not timed); "
+               f"greedy {DECODE_TOKENS} tokens, no EOS stop")
     if args.quantized_only:
         print(header)
     else:
@@ -426,9 +488,13 @@ def main() -> None:
     print(quantized_report(quantized))
     print(f"memory read bandwidth (sum over 1 GiB, best of 5): {bandwidth / 1e9:.1f} GB/s")
     record["quantized_rows"] = [dict(zip(("row", "bfloat16", "int8", "int4"), r)) for r in quantized]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_record(record, out)
+
+
+def write_record(record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
