@@ -36,6 +36,9 @@ class Options:
     max_batch: int = field(default=8, metadata={"help": "requests the LLM worker decodes together", "type": int})
     max_model_len: int = field(default=4096, metadata={
         "help": "tokens per request, prompt and output together (the KV cache holds max-batch of them)", "type": int})
+    prefill_chunk: int = field(default=512, metadata={
+        "help": "a prompt longer than this is prefilled this many tokens at a time, a decode step of the running "
+                "requests between chunks, so a long new prompt does not stall them (0: whole prompts)", "type": int})
     max_image_pixels: int = field(default=64 * 2**20, metadata={
         "help": "largest image, in decoded pixels, the visual worker opens (bigger ones are refused unread)",
         "type": int})
@@ -96,7 +99,7 @@ class Options:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"--min-pixels {self.min_pixels} is above --max-pixels {self.max_pixels}")
-        for name in ("visual_workers", "llm_workers", "encoder_cache_mb"):
+        for name in ("visual_workers", "llm_workers", "encoder_cache_mb", "prefill_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         if self.frontend_ports is not None:
@@ -130,4 +133,4 @@ def parse_patch_buckets(text: str) -> list[int]:
 VISUAL_OPTIONS = ("model", "dtype", "chunk_width", "max_image_pixels", "min_pixels", "max_pixels", "encoder_cache_mb",
                   "curve_keys",
                   "visual_backend", "patch_buckets")  # what the visual worker takes
-LLM_OPTIONS = ("model", "dtype", "quantization", "tp", "max_batch", "max_model_len", "curve_keys")
+LLM_OPTIONS = ("model", "dtype", "quantization", "tp", "max_batch", "max_model_len", "prefill_chunk", "curve_keys")

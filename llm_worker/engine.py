@@ -137,69 +137,110 @@ class Sequence:
         return token
 
 
+@dataclass
+class Prefill:
+    """A prompt being prefilled a chunk at a time, into the row after the active ones."""
+
+    seq: Sequence
+    row: int
+    embeds: Tensor  # (S, C)
+    positions: Tensor  # (3, S)
+    done: int = 0  # tokens prefilled so far
+
+
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_len: int = 4096):
+    def __init__(self, model, max_batch: int = 8, max_len: int = 4096, prefill_chunk: int = 0):
         self.model = model
         self.max_len = max_len
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk  # a longer prompt is prefilled this many tokens a step (0: all at once)
         self.cache = model.new_cache(max_batch, max_len)
         self.active: list[Sequence] = []  # active[i] owns cache row i
+        self.prefilling: Prefill | None = None  # owns row len(active)
+
+    def can_add(self) -> bool:
+        self.release_finished()
+        return self.prefilling is None and len(self.active) < self.max_batch
 
     @torch.inference_mode()
     def add(self, embeds: Tensor, positions: Tensor, delta: int, params: SamplingParams, eos_token_ids,
             prompt_ids=(), constraint: Constraint | None = None) -> Sequence:
-        """Prefills one prompt (embeds (S, C), positions (3, S); prompt_ids its S token ids, for repetition_penalty)
-        into a free row and samples its first token."""
+        """Takes one prompt (embeds (S, C), positions (3, S); prompt_ids its S token ids, for repetition_penalty)
+        into a free row. A prompt within prefill_chunk is prefilled now and its first token sampled; a longer one is
+        prefilled a chunk per step(), between decode steps of the others, and has no token until its last chunk."""
         S = embeds.shape[0]
         if S + 1 > self.max_len:
             raise ValueError(f"prompt of {S} tokens leaves no room in a context of {self.max_len} tokens")
-        self.release_finished()
-        if len(self.active) == self.max_batch:
-            raise RuntimeError(f"engine is full ({self.max_batch} active requests)")
+        if not self.can_add():
+            raise RuntimeError(f"engine is full ({self.max_batch} requests, or one still prefilling)")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         seq = Sequence(params, frozenset(eos_token_ids), delta, S, tuple(prompt_ids), constraint, generator=generator)
-        row = len(self.active)
-        slots = torch.arange(S, device=self.model.device)[None]
-        logits = self.model(
-            embeds[None], positions[:, None], slots, self.cache, logits_at=slots[:, -1], first_row=row
-        )
-        token = seq.choose(logits[0])  # before the row is taken: a failure here leaves no half row
-        seq.push(token, self.max_len)
-        self.active.append(seq)
+        prefill = Prefill(seq, len(self.active), embeds, positions)
+        if self.prefill_chunk and S > self.prefill_chunk:
+            self.prefilling = prefill
+        else:
+            self.advance(prefill, S)
         return seq
+
+    def advance(self, p: Prefill, n: int) -> bool:
+        """Prefills the next n tokens of p; after the last, samples its first token and makes it active."""
+        a, b = p.done, min(p.done + n, p.embeds.shape[0])
+        slots = torch.arange(a, b, device=self.model.device)[None]
+        logits = self.model(p.embeds[None, a:b], p.positions[:, None, a:b], slots, self.cache,
+                            logits_at=torch.tensor([b - a - 1], device=self.model.device), first_row=p.row)
+        p.done = b
+        if b < p.embeds.shape[0]:
+            return False
+        p.seq.push(p.seq.choose(logits[0]), self.max_len)  # before the row is taken: a failure leaves no half row
+        self.active.append(p.seq)
+        return True
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Decodes one token for every active unfinished sequence; returns the sequences that got a token."""
+        """One chunk of the prompt being prefilled, if any, then one decode token for every active sequence; returns
+        the sequences that got a token (or failed)."""
         self.release_finished()
-        if not self.active:
-            return []
+        out = []
+        decoding = len(self.active)
+        if (p := self.prefilling) is not None:
+            try:
+                done = self.advance(p, self.prefill_chunk)
+            except Exception as e:  # this prompt fails alone; the others decode on
+                p.seq.finish_reason, p.seq.error, done = "error", e, True
+                out.append(p.seq)
+            if done:
+                self.prefilling = None
+        if not decoding:
+            return out + self.active[decoding:]
         device = self.model.device
-        last = torch.tensor([s.tokens[-1] for s in self.active], device=device)
-        slots = torch.tensor([[s.length] for s in self.active], device=device)  # (B, 1)
-        positions = (slots + torch.tensor([[s.delta] for s in self.active], device=device))[None].expand(3, -1, -1)
+        batch = self.active[:decoding]  # rows 0..decoding-1; a prompt that just finished prefilling has its token
+        last = torch.tensor([s.tokens[-1] for s in batch], device=device)
+        slots = torch.tensor([[s.length] for s in batch], device=device)  # (B, 1)
+        positions = (slots + torch.tensor([[s.delta] for s in batch], device=device))[None].expand(3, -1, -1)
         logits = self.model(self.model.embed(last[:, None]), positions, slots, self.cache)[:, -1]  # (B, vocab)
         greedy = argmax_rows(logits)  # one pass for the whole batch
-        for seq, row_logits, best in zip(self.active, logits, greedy):
+        for seq, row_logits, best in zip(batch, logits, greedy):
             seq.length += 1
             try:
                 seq.push(seq.choose(row_logits, best), self.max_len)
             except Exception as e:  # this sequence fails alone; the batch goes on
                 seq.finish_reason, seq.error = "error", e
-        return list(self.active)
+        return out + list(self.active)
 
     def abort_all(self, error: Exception) -> list[Sequence]:
         """Ends every active sequence with `error` (a step that failed as a whole) and frees the rows."""
-        failed = list(self.active)
+        failed = self.active + ([self.prefilling.seq] if self.prefilling is not None else [])
         for seq in failed:
             seq.finish_reason, seq.error = "error", error
         self.active.clear()
+        self.prefilling = None
         return failed
 
     def release_finished(self) -> None:
-        """Frees the rows of finished sequences, moving the last rows into the gaps."""
+        """Frees the rows of finished sequences, moving the last rows into the gaps (and the prompt being prefilled
+        into the row after them)."""
         i = 0
         while i < len(self.active):
             if self.active[i].finish_reason is None:
@@ -210,12 +251,22 @@ class Engine:
                 self.cache.move_row(last, i)
                 self.active[i] = self.active[last]
             self.active.pop()
+        if (p := self.prefilling) is not None:
+            if p.seq.finish_reason is not None:  # cancelled while prefilling
+                self.prefilling = None
+            elif p.row != len(self.active):
+                self.cache.move_row(p.row, len(self.active))
+                p.row = len(self.active)
 
     def generate(
         self, embeds: Tensor, positions: Tensor, delta: int, params: SamplingParams, eos_token_ids
     ) -> Iterator[tuple[int, str | None]]:
         """One request alone: yields (token, finish reason or None) as tokens come."""
         seq = self.add(embeds, positions, delta, params, eos_token_ids)
+        while not seq.tokens and seq.error is None:
+            self.step()
+        if seq.error is not None:
+            raise seq.error
         yield seq.tokens[-1], seq.finish_reason
         while seq.finish_reason is None:
             self.step()

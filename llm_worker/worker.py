@@ -75,7 +75,7 @@ class LLMWorker:
         else:
             self.model = LanguageModel.from_pretrained(options.model, resolve_dtype(options.model, options.dtype),
                                                        device, options.quantization)
-        self.engine = Engine(self.model, options.max_batch, options.max_model_len)
+        self.engine = Engine(self.model, options.max_batch, options.max_model_len, options.prefill_chunk)
         self.grammars = Grammars((options.model / "tokenizer.json").read_text(), self.config.text.vocab_size,
                                  self.tokenizer.eos_token_ids)
         self.pending: deque[tuple[Embeds, dict]] = deque()
@@ -99,7 +99,7 @@ class LLMWorker:
     def run(self) -> None:
         parent = os.getppid()
         while os.getppid() == parent:
-            idle = not (self.engine.active or self.pending)
+            idle = not (self.engine.active or self.engine.prefilling or self.pending)
             for endpoint in set(self.frontend.embeds) - self.visual:  # ZeroMQ reconnects to them by itself
                 self.embeds.connect(endpoint)
                 self.visual.add(endpoint)
@@ -156,8 +156,8 @@ class LLMWorker:
                       ProtocolError(f"the LLM worker takes embeds and cancel messages, got {type(msg).__name__}"))
 
     def admit(self) -> None:
-        """Prefills queued requests while the engine has free rows."""
-        while self.pending and len(self.engine.active) < self.engine.max_batch:
+        """Takes queued requests while the engine has free rows (and no long prompt is being prefilled)."""
+        while self.pending and self.engine.can_add():
             msg, timings = self.pending.popleft()
             try:
                 seq, stream = self.start(msg, timings)
@@ -165,7 +165,8 @@ class LLMWorker:
                 self.fail(msg.id, e)
                 continue
             self.streams[id(seq)] = stream
-            self.publish([seq])  # its first token goes out at once
+            if seq.tokens:  # prefilled at once: its first token goes out now
+                self.publish([seq])
 
     def step(self) -> None:
         """One decode step of every active request; a step that fails as a whole fails the requests in it, and the
@@ -198,8 +199,6 @@ class LLMWorker:
         grammar = msg.sampling.grammar
         seq = self.engine.add(embeds, positions, delta, msg.sampling, self.tokenizer.eos_token_ids, ids,
                               self.grammars.constraint(grammar) if grammar is not None else None)
-        stream.first_token_at = time.perf_counter()
-        stream.timings["prefill_s"] = stream.first_token_at - stream.started
         return seq, stream
 
     def publish(self, seqs: list[Sequence]) -> None:
@@ -210,6 +209,9 @@ class LLMWorker:
             if seq.error is not None:
                 self.fail(stream.id, seq.error)
                 continue
+            if not stream.first_token_at:
+                stream.first_token_at = time.perf_counter()
+                stream.timings["prefill_s"] = stream.first_token_at - stream.started
             delta, stopped = stream.advance(self.tokenizer, seq.tokens, seq.finish_reason is not None)
             if stopped:
                 seq.finish_reason = "stop"  # the engine frees the row before its next step
@@ -228,7 +230,8 @@ class LLMWorker:
             if msg.id == rid:
                 del self.pending[i]
                 return self.finish(Stream(rid, len(msg.prompt_ids), {}), "cancelled", 0)
-        for seq in self.engine.active:
+        prefilling = [self.engine.prefilling.seq] if self.engine.prefilling is not None else []
+        for seq in self.engine.active + prefilling:
             stream = self.streams.get(id(seq))
             if stream is not None and stream.id == rid:
                 seq.finish_reason = "cancelled"

@@ -315,3 +315,41 @@ def test_a_sequence_whose_token_breaks_its_grammar_fails_alone():
         engine.step()
     assert bad.finish_reason == "error" and "left the grammar" in str(bad.error) and len(bad.tokens) == 2
     assert good.tokens == [0] * 5 and good.finish_reason == "length"
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode():
+    """Chunks give the tokens a whole prefill gives; each step both advances the prefill and decodes the others; a
+    request that finishes meanwhile moves the prefilling row down, and the answer is still right."""
+    long_prompt, params = list(range(1, 11)), SamplingParams(max_new_tokens=4)
+    alone = run_alone(long_prompt, params)
+    engine = Engine(CountingModel(), max_batch=3, max_len=64, prefill_chunk=3)
+    embeds = lambda p: torch.tensor(p, dtype=torch.float)[:, None]  # noqa: E731
+    short = engine.add(embeds([1, 2]), torch.arange(2).expand(3, -1), 0, SamplingParams(max_new_tokens=2), ())
+    other = engine.add(embeds([3]), torch.arange(1).expand(3, -1), 0, SamplingParams(max_new_tokens=6), ())
+    assert short.tokens and other.tokens  # within the chunk: prefilled at once
+    seq = engine.add(embeds(long_prompt), torch.arange(10).expand(3, -1), 0, params, ())
+    assert seq.tokens == [] and engine.prefilling is not None and not engine.can_add()
+    for step in range(4):  # chunks of 3, 3, 3, 1; `short` finishes after the first step
+        got = engine.step()
+        assert other in got and len(other.tokens) == 2 + step
+        assert (seq in got) == (step == 3)
+    assert seq.tokens == alone[:1] and engine.prefilling is None
+    while seq.finish_reason is None:
+        engine.step()
+    assert seq.tokens == alone and other.tokens == run_alone([3], SamplingParams(max_new_tokens=6))
+
+
+def test_a_prompt_cancelled_or_failing_while_prefilling_frees_its_place():
+    engine = Engine(CountingModel(), max_batch=2, max_len=64, prefill_chunk=2)
+    seq = engine.add(torch.ones(6, 1), torch.arange(6).expand(3, -1), 0, SamplingParams(), ())
+    engine.step()
+    seq.finish_reason = "cancelled"
+    assert engine.can_add() and engine.prefilling is None
+    seq = engine.add(torch.ones(6, 1), torch.arange(6).expand(3, -1), 0, SamplingParams(),
+                     (), constraint=EvenTokens(fail_at=0))
+    got = engine.step() + engine.step() + engine.step()
+    assert seq in got and seq.finish_reason == "error" and engine.prefilling is None and engine.active == []
+    assert list(Engine(CountingModel(), 1, 64, prefill_chunk=2).generate(
+        torch.tensor([[1.0], [2.0], [3.0]]), torch.arange(3).expand(3, -1), 0, SamplingParams(max_new_tokens=2), ())) \
+        == list(Engine(CountingModel(), 1, 64).generate(
+            torch.tensor([[1.0], [2.0], [3.0]]), torch.arange(3).expand(3, -1), 0, SamplingParams(max_new_tokens=2), ()))

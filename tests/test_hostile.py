@@ -160,7 +160,7 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read(hostile_server, client
 
 
 def test_too_many_images_are_refused_before_any_is_fetched(client, normal_answer):
-    with pytest.raises(openai.BadRequestError, match="9 images and videos in one request; at most 8"):
+    with pytest.raises(openai.BadRequestError, match="9 images in one request; at most 8"):
         ask(client, [image_part(PNG["small"])] * 9 + [{"type": "text", "text": "Hi"}])
     assert_still_serving(client, normal_answer)
 

@@ -71,8 +71,9 @@ def request(prompt, images=(), video=None, fps=2.0, max_new_tokens=10):
 
 
 def running_pipeline(model: Path, chunk_width: int):
-    """Both workers as real processes, float32; yields ask(request) → the collected result."""
-    pipeline = Pipeline(Options(model=model, dtype="float32", chunk_width=chunk_width))
+    """Both workers as real processes, float32, prompts prefilled 16 tokens at a time (chunks cut through the image
+    and video tokens, whose M-RoPE positions must carry across); yields ask(request) → the collected result."""
+    pipeline = Pipeline(Options(model=model, dtype="float32", chunk_width=chunk_width, prefill_chunk=16))
     pipeline.start()
     pipeline.wait_ready()
     prompter = Prompter(model, pipeline.context_len)
