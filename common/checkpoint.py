@@ -6,7 +6,8 @@ worker opens only the shards and tensors of its own half.
 
 A tensor used as stored is the file's own pages, memory-mapped copy-on-write, one mapping per tensor: loading reads
 nothing, only the pages the model touches become resident, and the pages of a tensor the model does not keep (one
-cast, quantized or stacked into a new tensor) stop counting in the worker's RSS as soon as that tensor is freed.
+cast, quantized or stacked into a new tensor) stop counting in the worker's RSS as soon as that tensor is freed. As
+with any memory-mapped loader, the files must not be truncated or rewritten in place while the model lives.
 """
 
 import json
@@ -48,17 +49,17 @@ class Checkpoint:
     def __init__(self, model_dir, prefixes):
         self.source = Path(model_dir)
         prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
-        wanted: dict[Path, list[str]] = {}
-        for stored, file in _tensor_files(self.source).items():
-            if canonical_name(stored).startswith(prefixes):
-                wanted.setdefault(file, []).append(stored)
         self.stored: dict[str, Stored] = {}
-        for file, names in wanted.items():
+        for file, listed in _shards(self.source).items():
+            if listed is not None and not any(canonical_name(name).startswith(prefixes) for name in listed):
+                continue  # a shard of the other half is not opened
             if not file.is_file():
                 raise FileNotFoundError(f"{file} is listed in model.safetensors.index.json but missing")
             header, data = _header(file)
             size = file.stat().st_size
-            for name in names:
+            for name in listed if listed is not None else [name for name in header if name != "__metadata__"]:
+                if not canonical_name(name).startswith(prefixes):
+                    continue
                 if name not in header:
                     raise KeyError(f"{file}: tensor {name!r} is listed in model.safetensors.index.json but not in the file")
                 self.stored[canonical_name(name)] = _stored(file, data, size, header[name], name)
@@ -109,16 +110,19 @@ def read_tensors(model_dir, prefixes, dtype: torch.dtype, device="cpu") -> dict[
     return {name: checkpoint.get(name, dtype, device) for name in checkpoint.stored}
 
 
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    """Stored tensor name → the safetensors file holding it."""
+def _shards(model_dir: Path) -> dict[Path, list[str] | None]:
+    """Each safetensors file → the stored tensor names the index puts in it; a single model.safetensors → None (its
+    own header names them)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}
+        shards: dict[Path, list[str]] = {}
+        for name, file in json.loads(index.read_text())["weight_map"].items():
+            shards.setdefault(model_dir / file, []).append(name)
+        return shards
     single = model_dir / "model.safetensors"
     if not single.is_file():
         raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json found")
-    return {name: single for name in _header(single)[0] if name != "__metadata__"}
+    return {single: None}
 
 
 def _header(file: Path) -> tuple[dict, int]:
