@@ -239,17 +239,219 @@ def clip_gathers(mod):
     return tvm.IRModule({"main": ClipTake(mod).visit_expr(mod["main"])})
 
 
-def build(mod, target, tune_trials: int, tuning_dir: Path):
-    """IRModule → executable. With tune_trials > 0, MetaSchedule tunes first and adds to the database in tuning_dir;
-    an existing database there is applied either way. GPU targets get TVM's dlight schedules by default."""
-    import tvm
-    from tvm import relax
+# ---------------------------------------------------------------------------------------------------------------
+# CPU schedules: TVM's CPU default pipeline schedules nothing (one core, scalar loops). These rules give every kernel
+# of the ViT a fixed schedule without tuning: register-tiled parallel matmuls, one parallel pass per row for softmax
+# and norms, parallel vectorized loops for the rest.
 
-    if target.kind.name == "llvm" and (tune_trials > 0 or (tuning_dir / "database_workload.json").exists()):
-        tuning_dir.mkdir(parents=True, exist_ok=True)
-        mod = relax.get_pipeline("static_shape_tuning", total_trials=tune_trials, target=target,
-                                 work_dir=str(tuning_dir))(mod)
-    return tvm.compile(mod, target=target)
+MATMUL_TILE = (4, 16)  # rows x columns of a matmul's output held in registers: 8 AVX2 accumulators
+
+
+def is_reduction(sch, block) -> bool:
+    from tvm import tirx
+
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def is_matmul(sch, block) -> bool:
+    """C[..., i, j] += A[..., i, k] * B[..., k, j] with the reduction last."""
+    from tvm import tirx
+
+    b = sch.get(block)
+    kinds = [iv.iter_type for iv in b.iter_vars]
+    body = b.body
+    return (kinds.count(tirx.IterVar.CommReduce) == 1 and kinds[-1] == tirx.IterVar.CommReduce and len(kinds) >= 3
+            and isinstance(body, tirx.BufferStore) and isinstance(body.value, tirx.Add)
+            and isinstance(body.value.b, tirx.Mul))
+
+
+def stores_float32(sch, block) -> bool:
+    from tvm import tirx
+
+    body = sch.get(block).body
+    return isinstance(body, tirx.BufferStore) and str(body.buffer.dtype) == "float32"
+
+
+def extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def vectorize_inner(sch, block, lanes: int = 8) -> None:
+    inner = sch.get_loops(block)[-1]
+    if extent(sch, inner) % lanes == 0 and not is_reduction(sch, block) and stores_float32(sch, block):
+        sch.vectorize(sch.split(inner, [None, lanes])[1])
+
+
+def schedule_matmul(sch, block) -> None:
+    """(..., i, j, k) → parallel over (..., i / 4), then j / 16, k, with the 4 x 16 output tile in registers."""
+    *batch, i, j, k = sch.get_loops(block)
+    rows = MATMUL_TILE[0] if extent(sch, i) % MATMUL_TILE[0] == 0 else 1
+    cols = next(c for c in (MATMUL_TILE[1], 8, 1) if extent(sch, j) % c == 0)
+    io, ii = sch.split(i, [None, rows])
+    jo, ji = sch.split(j, [None, cols])
+    sch.reorder(*batch, io, jo, k, ii, ji)
+    write_back = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write_back, jo)
+    sch.parallel(sch.fuse(*batch, io) if batch else io)
+    sch.unroll(ii)
+    if cols > 1:
+        sch.vectorize(ji)
+        sch.vectorize(sch.get_loops(write_back)[-1])
+    sch.decompose_reduction(block, k)
+    for consumer in sch.get_consumers(write_back):  # the bias / activation epilogue, applied as the tile is stored
+        try:
+            sch.reverse_compute_inline(consumer)
+        except Exception:  # noqa: BLE001 (tvm's ScheduleError: not inlinable here; it stays a loop of its own)
+            pass
+
+
+def schedule_rows(sch, root) -> None:
+    """Reductions along the last axis feeding elementwise work (softmax, RMS norm): one parallel loop over rows,
+    every stage of a row computed inside it while the row is in cache."""
+    out = sch.get_output_blocks(root)[0]
+    for b in sch.get_child_blocks(root):
+        if not is_reduction(sch, b) and not sch.get(b).same_as(sch.get(out)) and len(sch.get_consumers(b)) == 1:
+            sch.compute_inline(b)
+    loops = sch.get_loops(out)
+    row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    sch.parallel(row)
+    vectorize_inner(sch, out)
+    stages = [b for b in sch.get_child_blocks(root) if not sch.get(b).same_as(sch.get(out))]
+    for b in reversed(stages):
+        sch.compute_at(b, row)
+    for b in stages:
+        vectorize_inner(sch, b)
+
+
+def schedule_loops(sch, block) -> None:
+    """Any other loop nest: its leading spatial loops fused and parallel (256 iterations or more where the nest
+    allows), the innermost vectorized when the nest is all spatial."""
+    from tvm import tirx
+
+    loops = sch.get_loops(block)
+    spatial = [loop for loop, iv in zip(loops, sch.get(block).iter_vars) if iv.iter_type == tirx.IterVar.DataPar]
+    spatial = spatial[: next((n for n, iv in enumerate(sch.get(block).iter_vars)
+                              if iv.iter_type != tirx.IterVar.DataPar), len(loops))]
+    if not spatial:
+        return
+    outer, count = [], 1
+    for loop in spatial[:-1] or spatial:
+        outer.append(loop)
+        count *= extent(sch, loop)
+        if count >= 256:
+            break
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    if len(spatial) == len(loops) > len(outer):
+        vectorize_inner(sch, block)
+
+
+def schedule_cpu(func):
+    """One PrimFunc of the legalized ViT → the same computation with a CPU schedule."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    matmuls = [b for b in blocks if is_matmul(sch, b)]
+    outputs = [sch.get(b) for b in sch.get_output_blocks(root)]
+    if not matmuls and len(outputs) == 1 and any(is_reduction(sch, b) for b in blocks):
+        schedule_rows(sch, root)
+        return sch.mod["main"]
+    matmul = matmuls[0] if len(matmuls) == 1 else None
+    prologue = {sch.get(p) for p in sch.get_producers(matmul)} if matmul is not None else set()
+    for b in blocks:  # elementwise steps inlined into their consumers; never into a matmul's inner loop
+        if b is not matmul and sch.get(b) not in prologue and not any(sch.get(b).same_as(o) for o in outputs):
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001 (a reduction or a block with several consumers: stays its own loop)
+                pass
+    if matmul is not None:
+        schedule_matmul(sch, matmul)
+    for b in sch.get_child_blocks(root):
+        if all(sch.get(loop).kind == tirx.ForKind.SERIAL for loop in sch.get_loops(b)):
+            schedule_loops(sch, b)
+    return sch.mod["main"]
+
+
+def lowering_passes(target) -> list:
+    """TVM's CPU passes up to fused TIR kernels, softmax legalized to TOPI's fast_softmax."""
+    from tvm import relax, topi
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    softmax = {"relax.nn.softmax": lambda bb, call: bb.call_te(topi.nn.fast_softmax, call.args[0],
+                                                                int(call.attrs.axis))}
+    legalize = cpu.legalize_passes(target)  # LegalizeOps first, then fusion
+    return cpu.library_dispatch_passes(target) + [relax.transform.LegalizeOps(softmax)] + legalize[1:]
+
+
+def fused_kernels(mod, target):
+    """The module as cpu_pipeline schedules it: fused TIR kernels, unscheduled (what MetaSchedule tunes)."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(lowering_passes(target))(mod)
+
+
+def cpu_pipeline(target, tuning_dir: Path):
+    """TVM's CPU pipeline with softmax legalized to TOPI's fast_softmax (a polynomial exp that vectorizes, within
+    float32 rounding of the exact one), the MetaSchedule database in tuning_dir applied where it has a kernel, and
+    schedule_cpu for every kernel it lacks."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
+    def schedule_pass(mod, _ctx):
+        return tvm.IRModule({gv: schedule_cpu(f) if isinstance(f, tirx.PrimFunc) and "tirx.is_scheduled" not in
+                             (f.attrs or {}) else f for gv, f in mod.functions.items()}, attrs=mod.attrs)
+
+    database = ([relax.transform.MetaScheduleApplyDatabase(str(tuning_dir))]
+                if (tuning_dir / "database_workload.json").exists() else [])
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(
+                lowering_passes(target) + database + [schedule_pass]
+                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+
+    return pipeline
+
+
+def tuning_records(tuning_dir: Path) -> int:
+    """Records in a MetaSchedule database (0: none). Part of the artifact's key: more tuning, a new artifact."""
+    records = tuning_dir / "database_tuning_record.json"
+    return sum(1 for _ in records.open()) if records.exists() else 0
+
+
+def tune(mod, target, tune_trials: int, tuning_dir: Path) -> None:
+    """MetaSchedule over every kernel, adding to the JSON database in tuning_dir. apache-tvm 0.27.0.post1 needs
+    apache-tvm-ffi 0.1.14: 0.1.15 segfaults serializing any TIR expression (tvm::ffi::ToJSONGraph), which
+    MetaSchedule does for every task and candidate."""
+    import tvm_ffi
+    from tvm import relax
+    from tvm.s_tir import meta_schedule
+
+    if not tvm_ffi.__version__.startswith("0.1.14"):
+        raise RuntimeError(f"--tune-trials needs apache-tvm-ffi 0.1.14 (installed: {tvm_ffi.__version__}, whose "
+                           "serializer segfaults on TIR with apache-tvm 0.27.0.post1): pip install "
+                           "'apache-tvm-ffi==0.1.14.post1' cloudpickle xgboost; the untuned build needs none of it")
+    tuning_dir.mkdir(parents=True, exist_ok=True)
+    meta_schedule.relax_integration.tune_relax(fused_kernels(mod, target), {}, target, str(tuning_dir),
+                                               max_trials_global=tune_trials,
+                                               builder=meta_schedule.builder.LocalBuilder(timeout_sec=600))
+
+
+def build(mod, target, tune_trials: int, tuning_dir: Path):
+    """IRModule → executable. llvm: cpu_pipeline, after tuning tune_trials more MetaSchedule trials into the
+    database when asked. GPU targets get TVM's dlight schedules by default."""
+    import tvm
+
+    if target.kind.name != "llvm":
+        return tvm.compile(mod, target=target)
+    if tune_trials > 0:
+        tune(mod, target, tune_trials, tuning_dir)
+    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, tuning_dir))
 
 
 @dataclass
@@ -264,27 +466,37 @@ class Compiled:
 
 class ArtifactCache:
     """Compiled ViTs on disk: <root>/<digest>.so with <digest>.json (its key and weight names) beside it, MetaSchedule
-    databases in <root>/tuning/<digest>/. `compiles` counts the compilations this object has done."""
+    databases in <root>/tuning/<digest of the key without its tuning count>/. `compiles` counts the compilations this
+    object has done."""
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else cache_root()
         self.compiles = 0
 
-    def paths(self, key: dict) -> tuple[Path, Path, Path]:
+    def tuning_dir(self, vit: VisionTransformer, bucket: int, target) -> Path:
+        return self.root / "tuning" / key_digest(cache_key(vit.config, bucket, vit.patch_embed.proj.weight.dtype,
+                                                           target))
+
+    def key(self, vit: VisionTransformer, bucket: int, target) -> dict:
+        """cache_key with the number of tuning records the build applies: a database that grew is a new artifact."""
+        records = tuning_records(self.tuning_dir(vit, bucket, target)) if target.kind.name == "llvm" else 0
+        return cache_key(vit.config, bucket, vit.patch_embed.proj.weight.dtype, target) | {"tuning": records}
+
+    def paths(self, key: dict) -> tuple[Path, Path]:
         digest = key_digest(key)
-        return self.root / f"{digest}.so", self.root / f"{digest}.json", self.root / "tuning" / digest
+        return self.root / f"{digest}.so", self.root / f"{digest}.json"
 
     def compile(self, vit: VisionTransformer, bucket: int, target_kind: str, tune_trials: int = 0,
                 progress=None) -> Path:
         """Compiles one bucket and writes it to the cache (replacing what was there) → the artifact's path."""
         target = make_target(target_kind)
-        key = cache_key(vit.config, bucket, vit.patch_embed.proj.weight.dtype, target)
-        library, meta, tuning = self.paths(key)
         say = progress or (lambda stage: None)
         say("export")
         mod, names = export_graph(vit, bucket)
         say("tune" if tune_trials else "compile")
-        executable = build(mod, target, tune_trials, tuning)
+        executable = build(mod, target, tune_trials, self.tuning_dir(vit, bucket, target))
+        key = self.key(vit, bucket, target)  # after tuning: with the records it applied
+        library, meta = self.paths(key)
         self.root.mkdir(parents=True, exist_ok=True)
         partial = library.with_suffix(f".{os.getpid()}.so")  # another process never sees half a library
         executable.export_library(str(partial))
@@ -298,8 +510,8 @@ class ArtifactCache:
         import tvm
         from tvm import relax
 
-        key = cache_key(vit.config, bucket, vit.patch_embed.proj.weight.dtype, make_target(target_kind))
-        library, meta, _ = self.paths(key)
+        key = self.key(vit, bucket, make_target(target_kind))
+        library, meta = self.paths(key)
         compiled_s = None
         if not library.exists() or not meta.exists() or json.loads(meta.read_text())["key"] != key:
             print(f"visual worker: compiling the ViT for the {bucket}-patch bucket ({target_kind}), not in the cache "
@@ -385,9 +597,9 @@ def compile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=TARGETS, default="llvm",
                         help="llvm: this host's CPU; cuda: NVIDIA GPUs (arch from $QWEN_VL_CUDA_ARCH, default sm_80)")
     parser.add_argument("--tune-trials", type=int, default=0,
-                        help="MetaSchedule trials per bucket (llvm; default 0: TVM's untuned build). The database "
-                             "is kept beside the cache and reused by later compiles of the same bucket. With "
-                             "apache-tvm 0.27.0.post1 tuning crashed here before its first trial (README)")
+                        help="MetaSchedule trials per bucket (llvm; default 0: the built-in CPU schedules only). "
+                             "The database is kept beside the cache and applied by later compiles of the same bucket "
+                             "where it has a kernel. Needs apache-tvm-ffi 0.1.14 (README)")
     parser.add_argument("--cache", type=Path, default=None, help=f"artifact folder (default: ${CACHE_ENV} or "
                         f"{DEFAULT_CACHE})")
 
