@@ -1,6 +1,6 @@
 """Benchmarks the visual backends on one 1280x720 image (grid 1 x 52 x 92: 4784 patches, the 5120-patch bucket):
-the eager ViT (the checkpoint's bfloat16, and float32) against the TVM-compiled one untuned and, with --tune-trials,
-MetaSchedule-tuned, with compile and load seconds. The compiled ViT computes in float32 (visual_worker/tvm_backend.py:
+the eager ViT (the checkpoint's bfloat16, and float32) against the TVM-compiled one with its built-in CPU schedules
+(no tuning) and, with --tune-trials, MetaSchedule-tuned on top, with compile and load seconds. The compiled ViT computes in float32 (visual_worker/tvm_backend.py:
 COMPUTE_DTYPES). Models: the demo model's ViT (examples/model) and the 3B-shape ViT with random weights (the checkpoint
 benchmarks/model.py builds and caches). Rows run interleaved, best of --rounds, in one process; the header says how
 many cores other processes kept busy meanwhile.
@@ -37,9 +37,9 @@ def prepare(name: str, model_dir: Path, cache: Path, tune_trials: int) -> tuple[
     vit32 = compute_copy(vit)
     rows = {"eager bfloat16": vit.embed, "eager float32": vit32.embed}
     costs = {"eager bfloat16": {"load_s": load_s}, "eager float32": {}}
-    builds = {"tvm untuned": 0} | ({f"tvm tuned ({tune_trials} trials)": tune_trials} if tune_trials else {})
+    builds = {"tvm scheduled": 0} | ({f"tvm tuned ({tune_trials} trials)": tune_trials} if tune_trials else {})
     for row, trials in builds.items():
-        artifacts = ArtifactCache(cache / "tvm-bench" / ("tuned" if trials else "untuned"))
+        artifacts = ArtifactCache(cache / "tvm-bench" / ("tuned" if trials else "scheduled"))
         compile_s, _ = timed(lambda: artifacts.compile(vit32, BUCKET, "llvm", trials))
         load_s, backend = timed(lambda: TvmVisionBackend(vit32, [BUCKET], cache=artifacts))
         rows[row] = backend.embed

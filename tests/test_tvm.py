@@ -1,7 +1,8 @@
 """The compiled visual backend (--visual-backend tvm) gives the eager ViT's embeddings in every patch bucket, picks the
 smallest bucket that holds a request, refuses a request past the largest by name, loads a second start from its
 cache without compiling, misses the cache when the vision config or TVM version changes, and gives transformers'
-greedy tokens through the whole pipeline."""
+greedy tokens through the whole pipeline. On CPU every kernel gets a parallel schedule without tuning; a tuning
+database that grew is a new artifact."""
 
 import dataclasses
 import io
@@ -15,7 +16,8 @@ from common.options import Options, parse_patch_buckets
 from frontend.pipeline import Pipeline, collect
 from frontend.prompt import Prompter
 from tests.test_pipeline import CASES, reference_tokens, request
-from visual_worker.tvm_backend import CACHE_ENV, ArtifactCache, TvmVisionBackend, bucket_inputs, choose_bucket
+from visual_worker.tvm_backend import (CACHE_ENV, ArtifactCache, TvmVisionBackend, bucket_inputs, choose_bucket,
+                                       export_graph, fused_kernels, make_target, schedule_cpu, tune)
 from visual_worker.vision import VisionTransformer
 
 BUCKETS = [208, 1024]  # 208 is no multiple of the 64-patch window block: the banded attention pads it inside
@@ -138,6 +140,34 @@ def test_compile_writes_what_the_worker_loads(vit, tmp_path):
     library = cache.compile(vit, 64, "llvm", progress=stages.append)
     assert library.exists() and stages == ["export", "compile"]
     assert TvmVisionBackend(vit, [64], cache=ArtifactCache(tmp_path)).cache.compiles == 0
+
+
+def test_every_cpu_kernel_gets_a_parallel_schedule_without_tuning(vit):
+    import tvm
+
+    kernels = fused_kernels(export_graph(vit, 208)[0], make_target("llvm"))
+    scheduled = {gv.name_hint: schedule_cpu(f).script() for gv, f in kernels.functions.items()
+                 if isinstance(f, tvm.tirx.PrimFunc)}
+    assert scheduled and [name for name, script in scheduled.items() if "T.parallel" not in script] == []
+    assert all("T.vectorized" in script for name, script in scheduled.items() if "matmul" in name)
+
+
+def test_a_tuning_database_that_grew_is_a_new_artifact(vit, tmp_path):
+    cache, target = ArtifactCache(tmp_path), make_target("llvm")
+    before = cache.key(vit, 208, target)
+    records = cache.tuning_dir(vit, 208, target)
+    records.mkdir(parents=True)
+    (records / "database_tuning_record.json").write_text("[0, []]\n")
+    assert before["tuning"] == 0 and cache.key(vit, 208, target)["tuning"] == 1
+    assert cache.paths(before) != cache.paths(cache.key(vit, 208, target))
+
+
+def test_tuning_refuses_the_tvm_ffi_whose_serializer_segfaults(vit, tmp_path, monkeypatch):
+    import tvm_ffi
+
+    monkeypatch.setattr(tvm_ffi, "__version__", "0.1.15.post2")
+    with pytest.raises(RuntimeError, match=r"needs apache-tvm-ffi 0\.1\.14 \(installed: 0\.1\.15\.post2"):
+        tune(None, make_target("llvm"), 8, tmp_path)
 
 
 @pytest.fixture(scope="module")
