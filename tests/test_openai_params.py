@@ -317,3 +317,17 @@ def test_completions_continue_the_prompt_as_it_is(server, client, reference):
         client.completions.create(model=MODEL, prompt=[10**9], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="suffix"):
         client.completions.create(model=MODEL, prompt="x", suffix="y")
+
+
+def test_hostile_schemas_get_clear_errors_and_others_are_served(client):
+    deep = {"type": "string"}
+    for _ in range(300):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    with pytest.raises(openai.BadRequestError, match="response_format: the schema is not usable: recursion limit"):
+        chat(client, response_format={"type": "json_schema", "json_schema": {"name": "deep", "schema": deep}})
+    wide = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]}
+                      for i in range(3000)]}  # past llguidance's 2000 items a row: the grammar fails as it runs
+    with pytest.raises(openai.BadRequestError, match="grammar"):
+        chat(client, max_tokens=20, temperature=0,
+             response_format={"type": "json_schema", "json_schema": {"name": "wide", "schema": wide}})
+    assert chat(client, temperature=0).choices[0].finish_reason == "length"
