@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common import kernels
 from common.checkpoint import LANGUAGE, Checkpoint, load_module
 from common.layers import RMSNorm, rotate_half
 from common.config import TextConfig, load_config
@@ -183,6 +184,7 @@ class LanguageModel(nn.Module):
             shard(model, tensors)
         quantize_linears(model.model.layers, tensors, "model.layers.")
         load_module(model, tensors, "", Path(model_dir))
+        kernels.adopt(model)  # bfloat16 on a CPU without bfloat16 units: the AVX2 kernel, float32 GEMM for prefill
         return model.eval()
 
 

@@ -3,6 +3,7 @@ dtypes; each half reads only its own tensors; a broken checkpoint gets an error 
 
 import json
 import mmap
+import shutil
 from pathlib import Path
 
 import pytest
@@ -185,33 +186,39 @@ def file_mappings(file) -> list[tuple[int, int]]:
     return spans
 
 
-def test_weights_used_as_stored_are_the_checkpoints_own_pages(tiny_model):
+@pytest.fixture
+def private_model(tiny_model, tmp_path) -> Path:
+    """A copy of the tiny checkpoint that no other test's model maps: /proc/self/maps then shows this test's only."""
+    return Path(shutil.copytree(tiny_model, tmp_path / "private"))
+
+
+def test_weights_used_as_stored_are_the_checkpoints_own_pages(private_model):
     """Loading copies only what it changes: q/k/v are stacked from parts that do not lie back to back in the file
     (safetensors orders tensors by name: k_proj, o_proj, q_proj, v_proj), so they are read into a new matrix; gate
     and up do lie back to back, and their stack is the file's pages, as are every other weight."""
-    model = LanguageModel.from_pretrained(tiny_model, torch.float32)
-    spans = file_mappings(tiny_model / "model.safetensors")
+    model = LanguageModel.from_pretrained(private_model, torch.float32)
+    spans = file_mappings(private_model / "model.safetensors")
     layer = model.model.layers[0]
     as_stored = [model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight,
                  layer.input_layernorm.weight, layer.self_attn.o_proj.weight, layer.mlp.gate_up_proj.weight,
                  layer.mlp.down_proj.weight]
     assert all(any(first <= t.data_ptr() < end for first, end in spans) for t in as_stored)
     assert not any(first <= layer.self_attn.qkv_proj.weight.data_ptr() < end for first, end in spans)
-    cast = LanguageModel.from_pretrained(tiny_model, torch.bfloat16)  # a float32 file read as bfloat16: all copies
-    spans = file_mappings(tiny_model / "model.safetensors")
+    cast = LanguageModel.from_pretrained(private_model, torch.bfloat16)  # a float32 file read as bfloat16: all copies
+    spans = file_mappings(private_model / "model.safetensors")
     assert not any(first <= p.data_ptr() < end for p in cast.parameters() for first, end in spans)
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
-def test_the_llm_half_maps_no_page_of_the_file_it_does_not_use(tiny_model, quantization):
+def test_the_llm_half_maps_no_page_of_the_file_it_does_not_use(private_model, quantization):
     """Every byte of the checkpoint this process maps after load and a forward belongs to a tensor of the model, up
     to the page at each end of a mapping: not the visual tower, not the q/k/v parts once stacked, not the float
     projections once quantized (each mapping is unmapped when its tensor is freed), so none of it can be resident."""
-    model = LanguageModel.from_pretrained(tiny_model, torch.float32, quantization=quantization)
+    model = LanguageModel.from_pretrained(private_model, torch.float32, quantization=quantization)
     S = IDS.shape[1]
     with torch.inference_mode():
         model(model.embed(IDS), torch.arange(S).expand(3, 1, S), torch.arange(S)[None], model.new_cache(1, S))
-    spans = file_mappings(tiny_model / "model.safetensors")
+    spans = file_mappings(private_model / "model.safetensors")
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers())}
     for first, end in spans:
         used = sum(nbytes for start, nbytes in storages.items() if first <= start < end)

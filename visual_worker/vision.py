@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common import kernels
 from common.checkpoint import VISUAL, load_module, read_tensors
 from common.layers import RMSNorm, rotate_half
 from common.config import VisionConfig, load_config
@@ -219,4 +220,5 @@ class VisionTransformer(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         load_module(model, read_tensors(model_dir, VISUAL, dtype, device), VISUAL, Path(model_dir))
+        kernels.adopt(model)  # bfloat16 on a CPU without bfloat16 units: float32 GEMM on widened weights
         return model.eval()
