@@ -6,6 +6,8 @@ mm_processor_kwargs, --limit-mm-per-prompt, generation_config.json defaults, and
 
 import json
 import re
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from common.tokenizer import Tokenizer
-from tests.test_server import MODEL, PNG, data_uri, image_part, start_server, stop_server
+from tests.test_server import MODEL, PNG, ROOT, data_uri, image_part, start_server, stop_server
 from visual_worker.preprocess import smart_resize
 
 
@@ -331,3 +333,29 @@ def test_hostile_schemas_get_clear_errors_and_others_are_served(client):
         chat(client, max_tokens=20, temperature=0,
              response_format={"type": "json_schema", "json_schema": {"name": "wide", "schema": wide}})
     assert chat(client, temperature=0).choices[0].finish_reason == "length"
+
+
+def test_metrics_after_a_benchmark_match_its_own_counts(server, tiny_model, tmp_path):
+    """`launch.py bench` against the server: /metrics grew by the benchmark's requests and tokens, plus its one
+    warm-up request (the first prompt again, output_len tokens); a repeated image is an encoder-cache hit."""
+    def counters() -> dict:
+        out = {}
+        for line in httpx.get(f"{server}/metrics").text.splitlines():
+            if m := re.match(r'^(vllm:[a-z0-9_]+)(\{[^}]*\})? ([0-9.e+-]+)$', line):
+                out[m.group(1)] = out.get(m.group(1), 0) + float(m.group(3))
+        return out
+
+    before = counters()
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "launch.py", "bench", "--url", server, "--model", str(tiny_model),
+                    "--image-size", "64x64", "--input-len", "12", "--output-len", "5", "--num-prompts", "6",
+                    "--concurrency", "3", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    after = counters()
+    level = json.loads(out.read_text())["levels"][0]
+    grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert level["completed"] == 6 and level["failed"] == 0
+    warm_up = grew["vllm:prompt_tokens_total"] - level["total_input_tokens"]  # the first prompt's tokens
+    assert 0.8 < warm_up / (level["total_input_tokens"] / 6) < 1.25  # prompts differ by a few re-encoded tokens
+    assert grew["vllm:generation_tokens_total"] == level["total_output_tokens"] + 5
+    assert grew["vllm:request_success_total"] == 7 and grew["vllm:e2e_request_latency_seconds_count"] == 7
+    assert grew["vllm:mm_cache_queries_total"] == 7 and grew["vllm:mm_cache_hits_total"] >= 1  # the warm-up's image
