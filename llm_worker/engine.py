@@ -80,6 +80,7 @@ class Sequence:
     error: Exception | None = None
     counts: Tensor | None = None  # (vocab,) float32: each token's count in the output, for the penalties
     seen: Tensor | None = None  # (vocab,) bool: tokens of the prompt or the output, for repetition_penalty
+    bias: tuple[Tensor, Tensor] | None = None  # logit_bias as (token ids, biases)
 
     def push(self, token: int, max_len: int) -> None:
         if self.constraint is not None and token not in self.eos_token_ids:
@@ -101,10 +102,12 @@ class Sequence:
         if self.constraint is not None:
             logits.masked_fill_(~self.constraint.allowed(vocab).to(logits.device), float("-inf"))
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            if int(ids.max()) >= vocab:
-                raise ValueError(f"logit_bias names token {int(ids.max())}, past this model's {vocab} logits")
-            logits[ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            if self.bias is None:  # built once: (ids, biases)
+                ids = torch.tensor(list(p.logit_bias), device=logits.device)
+                if int(ids.max()) >= vocab:
+                    raise ValueError(f"logit_bias names token {int(ids.max())}, past this model's {vocab} logits")
+                self.bias = ids, torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            logits[self.bias[0]] += self.bias[1]
         if p.repetition_penalty != 1:
             if self.seen is None:
                 self.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)

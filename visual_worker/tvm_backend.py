@@ -10,6 +10,7 @@ long, so it never reaches further); full attention over the whole bucket, masked
 """
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -298,11 +299,11 @@ def schedule_matmul(sch, block) -> None:
         sch.vectorize(ji)
         sch.vectorize(sch.get_loops(write_back)[-1])
     sch.decompose_reduction(block, k)
+    from tvm.s_tir.schedule import ScheduleError
+
     for consumer in sch.get_consumers(write_back):  # the bias / activation epilogue, applied as the tile is stored
-        try:
+        with contextlib.suppress(ScheduleError):  # not inlinable here: it stays a loop of its own
             sch.reverse_compute_inline(consumer)
-        except Exception:  # noqa: BLE001 (tvm's ScheduleError: not inlinable here; it stays a loop of its own)
-            pass
 
 
 def schedule_rows(sch, root) -> None:
@@ -348,6 +349,7 @@ def schedule_loops(sch, block) -> None:
 def schedule_cpu(func):
     """One PrimFunc of the legalized ViT → the same computation with a CPU schedule."""
     from tvm import s_tir, tirx
+    from tvm.s_tir.schedule import ScheduleError
 
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
@@ -361,10 +363,8 @@ def schedule_cpu(func):
     prologue = {sch.get(p) for p in sch.get_producers(matmul)} if matmul is not None else set()
     for b in blocks:  # elementwise steps inlined into their consumers; never into a matmul's inner loop
         if b is not matmul and sch.get(b) not in prologue and not any(sch.get(b).same_as(o) for o in outputs):
-            try:
+            with contextlib.suppress(ScheduleError):  # a reduction or a block with several consumers: its own loop
                 sch.compute_inline(b)
-            except Exception:  # noqa: BLE001 (a reduction or a block with several consumers: stays its own loop)
-                pass
     if matmul is not None:
         schedule_matmul(sch, matmul)
     for b in sch.get_child_blocks(root):
