@@ -16,8 +16,9 @@ from common.options import Options, parse_patch_buckets
 from frontend.pipeline import Pipeline, collect
 from frontend.prompt import Prompter
 from tests.test_pipeline import CASES, reference_tokens, request
-from visual_worker.tvm_backend import (CACHE_ENV, ArtifactCache, TvmVisionBackend, bucket_inputs, choose_bucket,
-                                       export_graph, fused_kernels, make_target, schedule_cpu, tune)
+from visual_worker.tvm_backend import (CACHE_ENV, TUNED_OPS, ArtifactCache, TvmVisionBackend, bucket_inputs,
+                                       choose_bucket, export_graph, fused_kernels, make_target, scheduled_cpu,
+                                       scheduling_passes, tune, tuning_records)
 from visual_worker.vision import VisionTransformer
 
 BUCKETS = [208, 1024]  # 208 is no multiple of the 64-patch window block: the banded attention pads it inside
@@ -146,10 +147,10 @@ def test_every_cpu_kernel_gets_a_parallel_schedule_without_tuning(vit):
     import tvm
 
     kernels = fused_kernels(export_graph(vit, 208)[0], make_target("llvm"))
-    scheduled = {gv.name_hint: schedule_cpu(f).script() for gv, f in kernels.functions.items()
+    scheduled = {gv.name_hint: scheduled_cpu(f).script() for gv, f in kernels.functions.items()
                  if isinstance(f, tvm.tirx.PrimFunc)}
     assert scheduled and [name for name, script in scheduled.items() if "T.parallel" not in script] == []
-    assert all("T.vectorized" in script for name, script in scheduled.items() if "matmul" in name)
+    assert all("T.vectorized" in script for name, script in scheduled.items() if "matmul" in name or "softmax" in name)
 
 
 def test_a_tuning_database_that_grew_is_a_new_artifact(vit, tmp_path):
@@ -162,11 +163,39 @@ def test_a_tuning_database_that_grew_is_a_new_artifact(vit, tmp_path):
     assert cache.paths(before) != cache.paths(cache.key(vit, 208, target))
 
 
+def test_a_tuned_build_applies_its_database_to_every_matmul_and_stays_exact(vit, tmp_path):
+    import tvm
+
+    cache, target = ArtifactCache(tmp_path), make_target("llvm")
+    cache.compile(vit, 64, "llvm", tune_trials=8)
+    tuning_dir = cache.tuning_dir(vit, 64, target)
+    assert tuning_records(tuning_dir) > 8  # one measurement of schedule_cpu per matmul kernel, then the 8 trials
+    with target:
+        kernels = tvm.transform.Sequential(scheduling_passes(target, tuning_dir))(export_graph(vit, 64)[0])
+    from_database = {gv.name_hint: "tirx.is_scheduled" in (f.attrs or {}) for gv, f in kernels.functions.items()
+                     if isinstance(f, tvm.tirx.PrimFunc)}
+    assert from_database == {name: any(op in name for op in TUNED_OPS) for name in from_database}
+    tuned = TvmVisionBackend(vit, [64], cache=ArtifactCache(tmp_path))
+    assert tuned.cache.compiles == 0  # the artifact compile() wrote, keyed with the database's records
+    for grids in ([(1, 8, 8)], [(1, 4, 8), (1, 2, 16)]):
+        pixels = pixels_for(grids)
+        assert (tuned.embed(pixels, grids) - vit.embed(pixels, grids)).abs().max() < 1e-4
+
+
 def test_tuning_refuses_the_tvm_ffi_whose_serializer_segfaults(vit, tmp_path, monkeypatch):
     import tvm_ffi
 
     monkeypatch.setattr(tvm_ffi, "__version__", "0.1.15.post2")
     with pytest.raises(RuntimeError, match=r"needs apache-tvm-ffi 0\.1\.14 \(installed: 0\.1\.15\.post2"):
+        tune(None, make_target("llvm"), 8, tmp_path)
+
+
+def test_tuning_without_its_extra_says_how_to_install_it(monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "xgboost" else find_spec(name))
+    with pytest.raises(RuntimeError, match=r"needs xgboost .*pip install 'qwen-vl-disagg\[tune\]'"):
         tune(None, make_target("llvm"), 8, tmp_path)
 
 

@@ -306,13 +306,26 @@ def schedule_matmul(sch, block) -> None:
             sch.reverse_compute_inline(consumer)
 
 
+def lane_partials(sch, block, lanes: int = 8):
+    """A reduction along a row split into `lanes` partial results (rfactor), each lane reducing every lanes-th
+    element, and the lanes reduced after → the partials' block, whose lanes vectorize; None when the row does not
+    split evenly."""
+    k = sch.get_loops(block)[-1]
+    if extent(sch, k) % lanes or not stores_float32(sch, block):
+        return None
+    _, lane = sch.split(k, [None, lanes])
+    return sch.rfactor(lane, factor_axis=-1)  # partials (..., lanes), contiguous per row
+
+
 def schedule_rows(sch, root) -> None:
     """Reductions along the last axis feeding elementwise work (softmax, RMS norm): one parallel loop over rows,
-    every stage of a row computed inside it while the row is in cache."""
+    every stage of a row computed inside it while the row is in cache, the reductions in 8 vector lanes."""
     out = sch.get_output_blocks(root)[0]
     for b in sch.get_child_blocks(root):
         if not is_reduction(sch, b) and not sch.get(b).same_as(sch.get(out)) and len(sch.get_consumers(b)) == 1:
             sch.compute_inline(b)
+    partials = [p for b in sch.get_child_blocks(root) if is_reduction(sch, b)
+                if (p := lane_partials(sch, b)) is not None]
     loops = sch.get_loops(out)
     row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
     sch.parallel(row)
@@ -322,6 +335,10 @@ def schedule_rows(sch, root) -> None:
         sch.compute_at(b, row)
     for b in stages:
         vectorize_inner(sch, b)
+    for p in partials:
+        *_, lane, k = sch.get_loops(p)  # compute_at put the lanes outside the reduction
+        sch.reorder(k, lane)
+        sch.vectorize(lane)
 
 
 def schedule_loops(sch, block) -> None:
@@ -346,19 +363,19 @@ def schedule_loops(sch, block) -> None:
         vectorize_inner(sch, block)
 
 
-def schedule_cpu(func):
-    """One PrimFunc of the legalized ViT → the same computation with a CPU schedule."""
-    from tvm import s_tir, tirx
+def schedule_cpu(sch) -> None:
+    """Schedules the one PrimFunc of sch (a kernel of the legalized ViT) for the CPU, in place. Also a MetaSchedule
+    design space (tune), so a tuned kernel is measured against this one."""
+    from tvm import tirx
     from tvm.s_tir.schedule import ScheduleError
 
-    sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
     blocks = sch.get_child_blocks(root)
     matmuls = [b for b in blocks if is_matmul(sch, b)]
     outputs = [sch.get(b) for b in sch.get_output_blocks(root)]
     if not matmuls and len(outputs) == 1 and any(is_reduction(sch, b) for b in blocks):
         schedule_rows(sch, root)
-        return sch.mod["main"]
+        return
     matmul = matmuls[0] if len(matmuls) == 1 else None
     prologue = {sch.get(p) for p in sch.get_producers(matmul)} if matmul is not None else set()
     for b in blocks:  # elementwise steps inlined into their consumers; never into a matmul's inner loop
@@ -370,6 +387,14 @@ def schedule_cpu(func):
     for b in sch.get_child_blocks(root):
         if all(sch.get(loop).kind == tirx.ForKind.SERIAL for loop in sch.get_loops(b)):
             schedule_loops(sch, b)
+
+
+def scheduled_cpu(func):
+    """A PrimFunc → the same computation under schedule_cpu."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    schedule_cpu(sch)
     return sch.mod["main"]
 
 
@@ -392,28 +417,33 @@ def fused_kernels(mod, target):
         return tvm.transform.Sequential(lowering_passes(target))(mod)
 
 
-def cpu_pipeline(target, tuning_dir: Path):
-    """TVM's CPU pipeline with softmax legalized to TOPI's fast_softmax (a polynomial exp that vectorizes, within
-    float32 rounding of the exact one), the MetaSchedule database in tuning_dir applied where it has a kernel, and
-    schedule_cpu for every kernel it lacks."""
+def scheduling_passes(target, tuning_dir: Path) -> list:
+    """lowering_passes, then the MetaSchedule database in tuning_dir applied where it has a kernel (marking it
+    tirx.is_scheduled), then schedule_cpu for every kernel it lacks."""
     import tvm
     from tvm import relax, tirx
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
     def schedule_pass(mod, _ctx):
-        return tvm.IRModule({gv: schedule_cpu(f) if isinstance(f, tirx.PrimFunc) and "tirx.is_scheduled" not in
+        return tvm.IRModule({gv: scheduled_cpu(f) if isinstance(f, tirx.PrimFunc) and "tirx.is_scheduled" not in
                              (f.attrs or {}) else f for gv, f in mod.functions.items()}, attrs=mod.attrs)
 
     database = ([relax.transform.MetaScheduleApplyDatabase(str(tuning_dir))]
                 if (tuning_dir / "database_workload.json").exists() else [])
+    return lowering_passes(target) + database + [schedule_pass]
+
+
+def cpu_pipeline(target, tuning_dir: Path):
+    """TVM's CPU pipeline with softmax legalized to TOPI's fast_softmax (a polynomial exp that vectorizes, within
+    float32 rounding of the exact one) and every kernel scheduled (scheduling_passes)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, _ctx):
         with target:
-            return tvm.transform.Sequential(
-                lowering_passes(target) + database + [schedule_pass]
-                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+            return tvm.transform.Sequential(scheduling_passes(target, tuning_dir) + cpu.dataflow_lower_passes(target)
+                                            + cpu.finalize_passes(target))(mod)
 
     return pipeline
 
@@ -424,22 +454,73 @@ def tuning_records(tuning_dir: Path) -> int:
     return sum(1 for _ in records.open()) if records.exists() else 0
 
 
-def tune(mod, target, tune_trials: int, tuning_dir: Path) -> None:
-    """MetaSchedule over every kernel, adding to the JSON database in tuning_dir. apache-tvm 0.27.0.post1 needs
-    apache-tvm-ffi 0.1.14: 0.1.15 segfaults serializing any TIR expression (tvm::ffi::ToJSONGraph), which
-    MetaSchedule does for every task and candidate."""
+TUNE_EXTRA = "pip install 'qwen-vl-disagg[tune]' (cloudpickle, xgboost)"
+
+
+def check_tuning_installed() -> None:
+    """A clear error, before any work, when MetaSchedule cannot run here. apache-tvm 0.27.0.post1 needs
+    apache-tvm-ffi 0.1.14 (pyproject pins it): 0.1.15 segfaults serializing any TIR expression
+    (tvm::ffi::ToJSONGraph), which MetaSchedule does for every task and candidate."""
+    import importlib.util
+
     import tvm_ffi
-    from tvm import relax
-    from tvm.s_tir import meta_schedule
 
     if not tvm_ffi.__version__.startswith("0.1.14"):
         raise RuntimeError(f"--tune-trials needs apache-tvm-ffi 0.1.14 (installed: {tvm_ffi.__version__}, whose "
                            "serializer segfaults on TIR with apache-tvm 0.27.0.post1): pip install "
-                           "'apache-tvm-ffi==0.1.14.post1' cloudpickle xgboost; the untuned build needs none of it")
+                           "'apache-tvm-ffi==0.1.14.post1'; the untuned build needs none of it")
+    missing = [name for name in ("cloudpickle", "xgboost") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"--tune-trials needs {' and '.join(missing)} (MetaSchedule's runner and cost model): "
+                           f"{TUNE_EXTRA}; the untuned build needs neither")
+
+
+def in_process_builder():
+    """A MetaSchedule builder that compiles candidates in this process. LocalBuilder starts fresh processes for every
+    batch, and each spends 45 s of CPU importing tvm.s_tir.tensor_intrin (TVMScript for every GPU's intrinsics, most
+    of it CUDA's) before building anything: past its timeout on a busy machine, and a minute a batch otherwise. The
+    tuning process has imported them once already."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for task in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(task.mod, task.target, None)), None))
+                except Exception as error:  # a candidate that does not build is a failed trial, as in LocalBuilder
+                    results.append(BuilderResult(None, f"in-process builder: {type(error).__name__}: {error}"))
+            return results
+
+    return InProcessBuilder()
+
+
+# the kernels MetaSchedule tunes; the rest keep schedule_cpu. Not softmax: building one of its candidates (the
+# polynomial exp unrolled) took minutes each here, and the built-in row pass already vectorizes it
+TUNED_OPS = ("matmul",)
+
+
+def tune(mod, target, tune_trials: int, tuning_dir: Path) -> None:
+    """tune_trials MetaSchedule trials over the ViT's matmul kernels, added to the JSON database in tuning_dir. Each
+    of those kernels is first measured once under schedule_cpu, into the same database, so the schedule a later build
+    applies is never one measured slower than the built-in one. Candidates are built in process and measured in
+    LocalRunner's one warm worker."""
+    from tvm.s_tir import meta_schedule as ms
+
+    check_tuning_installed()
+    kernels = fused_kernels(mod, target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(kernels, target)
+             if any(op in t.task_name for op in TUNED_OPS)]
     tuning_dir.mkdir(parents=True, exist_ok=True)
-    meta_schedule.relax_integration.tune_relax(fused_kernels(mod, target), {}, target, str(tuning_dir),
-                                               max_trials_global=tune_trials,
-                                               builder=meta_schedule.builder.LocalBuilder(timeout_sec=600))
+    measure = dict(op_names=list(TUNED_OPS), builder=in_process_builder(), runner=ms.runner.LocalRunner(timeout_sec=60))
+    ms.relax_integration.tune_relax(kernels, {}, target, str(tuning_dir), max_trials_global=len(tasks),
+                                    max_trials_per_task=1, num_trials_per_iter=1, strategy="replay-trace",
+                                    space=ms.space_generator.ScheduleFn(schedule_cpu), **measure)
+    ms.relax_integration.tune_relax(kernels, {}, target, str(tuning_dir), max_trials_global=tune_trials,
+                                    num_trials_per_iter=max(1, min(64, tune_trials // len(tasks))), **measure)
 
 
 def build(mod, target, tune_trials: int, tuning_dir: Path):
