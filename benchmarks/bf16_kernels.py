@@ -1,5 +1,5 @@
-"""Our two halves in bfloat16 with common/kernels.py's BF16Linear (what a CPU without bfloat16 units runs) against
-the same models with plain nn.Linear (PyTorch's bfloat16 kernels, which transformers runs too), interleaved in one
+"""Our two halves in bfloat16 with common/kernels.py's BF16Linear (what the workers run on an x86 CPU with AVX2)
+against the same models with plain nn.Linear (PyTorch's bfloat16 kernels, which transformers runs too), interleaved in one
 process on the random 3B-shape checkpoint of benchmarks/model.py: the ViT on one 1280x720 image (4784 patches), a
 prefill, and a decode step at a long context, beside the read bandwidth of a float32 sum (the decode ceiling).
 
@@ -44,8 +44,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("results/bf16_kernels.json"))
     args = p.parse_args()
-    if not kernels.cpu_lacks_bf16():
-        raise SystemExit("this CPU has bfloat16 units (or no AVX2 or gcc): BF16Linear is not used here")
+    if kernels.isa() is None:
+        raise SystemExit("this CPU has no AVX2 and FMA (or this machine no gcc): BF16Linear is not used here")
     model_dir = ensure_checkpoint(args.cache / "bench-3b-random", quick=False)
     vit = VisionTransformer.from_pretrained(model_dir, torch.bfloat16)
     llm = LanguageModel.from_pretrained(model_dir, torch.bfloat16)
@@ -79,7 +79,8 @@ def main() -> None:
     bandwidth = big.numel() * 4 / best(big.sum, 3)
     weight_bytes = sum(t.numel() * t.element_size() for t in llm.parameters())
     ceiling = weight_bytes / bandwidth
-    print(f"{model_dir}, bfloat16, {torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds")
+    print(f"{model_dir}, bfloat16, {torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds; "
+          f"decode kernel {kernels.isa()}, oneDNN bfloat16 units: {kernels.bf16_units()}")
     print(f"{'':32} {'BF16Linear':>11} {'nn.Linear':>11} {'speed-up':>9}")
     for name, r in results.items():
         print(f"{name:32} {r['BF16Linear']:11.3f} {r['nn.Linear']:11.3f} {r['nn.Linear'] / r['BF16Linear']:8.2f}x")

@@ -14,8 +14,14 @@ cores they kept busy, and --rounds keeps each metric's best over interleaved run
 load, peak RSS right after, then the first token of a small prompt (where mapped weights are faulted in) and the peak
 RSS after it.
 
-    python -m benchmarks.model [--quick] [--rounds N] [--model DIR] [--grid T H W] [--quantized-only | --load-only]
-                               [--out results/model.json]
+--peers puts our LLM half in bfloat16, int8 and int4 beside llama.cpp's bf16, Q8_0 and Q4_K_M GGUF of the same
+checkpoint, interleaved: prefill of the prompt's length from an empty cache, and decode at that depth (llama-bench
+with -p N and with -d N -n 31; its prompt is text tokens, ours has the image embeddings spliced in, the same work for
+the decoder). The tools come from `bash benchmarks/peers/llamacpp.sh` (--llama-cpp DIR); the GGUF files are made
+once with its `convert` beside the random checkpoint.
+
+    python -m benchmarks.model [--quick] [--rounds N] [--model DIR] [--grid T H W]
+                               [--quantized-only | --load-only | --peers [--llama-cpp DIR]] [--out results/model.json]
 """
 
 import argparse
@@ -66,6 +72,8 @@ QUICK_VISION = {**VISION_3B, "depth": 4, "fullatt_block_indexes": [1, 3]}
 WORKERS = ("ours-visual", "transformers-visual", "ours-llm", "transformers-llm")
 QUANTIZED_WORKERS = ("ours-llm-int8", "ours-llm-int4")  # our LLM half, compared with "ours-llm" (bfloat16)
 LOAD_WORKERS = ("load-transformers-llm", "load-ours-llm", "load-ours-llm-int8", "load-ours-llm-int4")
+GGUF_TYPES = ("bf16", "q8_0", "q4_k_m")  # llama.cpp's counterparts of our bfloat16, int8 and int4
+PEER_WORKERS = tuple(f"llamacpp-{kind}" for kind in GGUF_TYPES)
 GIB = 2**30
 
 
@@ -274,6 +282,28 @@ def bandwidth_worker(_model_dir, _grid, _repeats) -> dict:
     return {"bytes_per_s": data.nbytes / seconds}
 
 
+def llamacpp_bench(tool: Path, gguf: Path, *flags: str) -> dict:
+    """llama-bench's record of the one test it runs with `flags` (avg_ts: tokens/s, avg_ns, model_size: bytes of
+    the weights), at our thread count, once after its warm-up."""
+    threads = str(len(os.sched_getaffinity(0)))
+    cmd = [str(tool), "-m", str(gguf), "-t", threads, "-r", "1", "-o", "json", *flags]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    (test,) = json.loads(done.stdout)
+    return test
+
+
+def llamacpp_worker(kind: str, model_dir, grid, _repeats) -> dict:
+    """llama.cpp on the GGUF of `kind`: prefill of our prompt's length, decode of DECODE_TOKENS - 1 tokens at that
+    depth; peak RSS is llama-bench's (the largest child's)."""
+    tool, gguf = Path(os.environ["LLAMA_BENCH"]), Path(os.environ["LLAMA_GGUF_DIR"]) / f"{kind}.gguf"
+    prompt = len(prompt_ids(grid))
+    prefill = llamacpp_bench(tool, gguf, "-p", str(prompt), "-n", "0")
+    decode = llamacpp_bench(tool, gguf, "-p", "0", "-n", str(DECODE_TOKENS - 1), "-d", str(prompt))
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GIB
+    return {"prompt_tokens": prompt, "prefill_s": prefill["avg_ns"] / 1e9, "decode_tok_s": decode["avg_ts"],
+            "weights_bytes": decode["model_size"], "llamacpp_peak_rss_gib": child_rss}
+
+
 WORKER_FUNCTIONS = {
     "ours-visual": ours_visual, "transformers-visual": transformers_visual,
     "ours-llm": ours_llm, "transformers-llm": transformers_llm, "bandwidth": bandwidth_worker,
@@ -282,6 +312,7 @@ WORKER_FUNCTIONS = {
     "load-transformers-llm": load_theirs, "load-ours-llm": load_ours,
     "load-ours-llm-int8": functools.partial(load_ours, quantization="int8"),
     "load-ours-llm-int4": functools.partial(load_ours, quantization="int4"),
+    **{f"llamacpp-{kind}": functools.partial(llamacpp_worker, kind) for kind in GGUF_TYPES},
 }
 
 
@@ -399,6 +430,43 @@ def load_rows(results: dict) -> list[tuple[str, float, float, float, float, floa
             for key, label in labels.items()]
 
 
+def peer_rows(results: dict, bandwidth: float) -> list[tuple]:
+    """(label, then ours, llama.cpp and llama.cpp / ours for bfloat16 / bf16, int8 / Q8_0, int4 / Q4_K_M). llama.cpp's
+    bytes a step are its weights (llama-bench's model_size; the tied token table is its output matrix, read once) plus
+    the same KV cache."""
+    pairs = [(results[ours], results[peer]) for ours, peer in zip(("ours-llm", *QUANTIZED_WORKERS), PEER_WORKERS)]
+
+    def row(label, ours_value, peer_value, ratio):
+        return (label, *itertools.chain.from_iterable(
+            (ours_value(o), peer_value(p), ratio(ours_value(o), peer_value(p))) for o, p in pairs))
+
+    def peer_ceiling(peer, ours):
+        return bandwidth / (peer["weights_bytes"] + ours["decode_bytes"]["kv_cache"])
+
+    prompt = pairs[0][0]["prompt_tokens"]
+    lines = [
+        row(f"decode tok/s ({DECODE_TOKENS - 1} steps at depth {prompt})", lambda o: o["decode_tok_s"],
+            lambda p: p["decode_tok_s"], lambda a, b: a / b),
+        row(f"prefill s ({prompt} tokens)", lambda o: o["prefill_s"], lambda p: p["prefill_s"], lambda a, b: b / a),
+        row("weights read per decode step GB", lambda o: decode_ceiling(o, bandwidth)["weights_gb"],
+            lambda p: p["weights_bytes"] / 1e9, lambda a, b: b / a),
+        row("peak RSS GiB", lambda o: o["peak_rss_gib"], lambda p: p["llamacpp_peak_rss_gib"], lambda a, b: b / a),
+    ]
+    fractions = [(decode_ceiling(o, bandwidth)["fraction"], p["decode_tok_s"] / peer_ceiling(p, o)) for o, p in pairs]
+    lines.append(("decode / its bandwidth ceiling",
+                  *itertools.chain.from_iterable((ours, peer, ours / peer) for ours, peer in fractions)))
+    return lines
+
+
+def peer_report(rows) -> str:
+    heads = ("ours bf16", "llama bf16", "ratio", "ours int8", "Q8_0", "ratio", "ours int4", "Q4_K_M", "ratio")
+    lines = [f"{'':42}" + "".join(f"{head:>11}" for head in heads)]
+    lines += [f"{label:42}" + "".join(f"{value:11.3f}" for value in values) for label, *values in rows]
+    lines.append("ratio: ours / llama.cpp for tok/s and the fraction of the ceiling, llama.cpp / ours for seconds, "
+                 "bytes and GiB (> 1: ours is better)")
+    return "\n".join(lines)
+
+
 def load_report(rows) -> str:
     lines = [f"{'':34}{'transformers':>13}{'ours bf16':>10}{'int8':>8}{'int4':>8}   ours / transformers",
              *(f"{label:34}{theirs:13.3f}{bf16:10.3f}{int8:8.3f}{int4:8.3f}   "
@@ -440,7 +508,14 @@ def main() -> None:
                         help="only our LLM half in bfloat16, int8 and int4 (no ViT, no transformers)")
     parser.add_argument("--load-only", action="store_true",
                         help="only loading the LLM half: ours in bfloat16, int8 and int4 against transformers")
-    parser.add_argument("--out", type=Path, help="default results/model.json (--load-only: results/model_load.json)")
+    parser.add_argument("--peers", action="store_true",
+                        help="our LLM half in bfloat16, int8, int4 beside llama.cpp's bf16, Q8_0, Q4_K_M GGUF")
+    parser.add_argument("--llama-cpp", type=Path, default=Path(os.environ.get("LLAMA_CPP_DIR", "/work/peers/llamacpp")),
+                        help="where benchmarks/peers/llamacpp.sh built llama.cpp (default $LLAMA_CPP_DIR, else "
+                             "/work/peers/llamacpp)")
+    parser.add_argument("--out", type=Path,
+                        help="default results/model.json (--load-only: results/model_load.json, --peers: "
+                             "results/model_peers.json)")
     parser.add_argument("--worker", choices=sorted(WORKER_FUNCTIONS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -449,9 +524,14 @@ def main() -> None:
     grid = tuple(args.grid) if args.grid else QUICK_GRID if args.quick else FULL_GRID
     model_dir = args.model or ensure_checkpoint(args.cache / ("bench-quick-random" if args.quick else "bench-3b-random"),
                                                 args.quick)
-    out = args.out or Path("results/model_load.json" if args.load_only else "results/model.json")
+    out = args.out or Path("results/model_load.json" if args.load_only else
+                           "results/model_peers.json" if args.peers else "results/model.json")
     if args.load_only:
         workers = LOAD_WORKERS
+    elif args.peers:
+        workers = (*itertools.chain.from_iterable(zip(("ours-llm", *QUANTIZED_WORKERS), PEER_WORKERS)), "bandwidth")
+        os.environ.update(LLAMA_BENCH=str(args.llama_cpp / "build/bin/llama-bench"),
+                          LLAMA_GGUF_DIR=str(ensure_gguf(model_dir, args.llama_cpp)))
     elif args.quantized_only:
         workers = ("ours-llm", *QUANTIZED_WORKERS, "bandwidth")
     else:
@@ -474,6 +554,14 @@ def main() -> None:
         record["load_rows"] = [dict(zip(keys, row)) for row in rows]
         return write_record(record, out)
     bandwidth = results["bandwidth"]["bytes_per_s"]
+    if args.peers:
+        rows = peer_rows(results, bandwidth)
+        print(f"{header}\nagainst llama.cpp, same checkpoint\n{peer_report(rows)}")
+        print(f"memory read bandwidth (sum over 1 GiB, best of 5): {bandwidth / 1e9:.1f} GB/s")
+        keys = ("row", *itertools.chain.from_iterable((f"ours {a}", f"llama.cpp {b}", f"{a} ratio")
+                                                      for a, b in zip(("bfloat16", "int8", "int4"), GGUF_TYPES)))
+        record["peer_rows"] = [dict(zip(keys, row)) for row in rows]
+        return write_record(record, out)
     header += (f"\nimage grid {grid}: {t * h * w} patches, {t * h * w // 4} visual tokens (preprocessing not timed); "
                f"greedy {DECODE_TOKENS} tokens, no EOS stop")
     if args.quantized_only:
@@ -489,6 +577,16 @@ def main() -> None:
     print(f"memory read bandwidth (sum over 1 GiB, best of 5): {bandwidth / 1e9:.1f} GB/s")
     record["quantized_rows"] = [dict(zip(("row", "bfloat16", "int8", "int4"), r)) for r in quantized]
     write_record(record, out)
+
+
+def ensure_gguf(model_dir: Path, llama_cpp: Path) -> Path:
+    """The bf16, Q8_0 and Q4_K_M GGUF files of the checkpoint, made once by `llamacpp.sh convert` beside it."""
+    out = model_dir.with_name(model_dir.name + "-gguf")
+    if not all((out / f"{kind}.gguf").is_file() for kind in GGUF_TYPES):
+        script = Path(__file__).resolve().parent / "peers/llamacpp.sh"
+        subprocess.run(["bash", str(script), "convert", str(model_dir), str(out)], check=True,
+                       env={**os.environ, "LLAMA_CPP_DIR": str(llama_cpp)})
+    return out
 
 
 def write_record(record: dict, out: Path) -> None:

@@ -1,8 +1,8 @@
-"""common/kernels.py: the bfloat16 linear for CPUs without bfloat16 units equals float32 arithmetic on the same
-bfloat16 values rounded once (what oneDNN's bfloat16 linear computes), on the decode kernel's path and the prefill
-path alike, for every row count, odd widths, bias and batched shapes; models adopt it only where it applies."""
+"""common/kernels.py: the bfloat16 linear equals float32 arithmetic on the same bfloat16 values rounded once (what
+oneDNN's bfloat16 linear computes), on the decode kernel's path (each instruction set this CPU has) and the prefill
+paths (with and without bfloat16 units) alike, for every row count, odd widths, bias and batched shapes; models
+adopt it only where it applies."""
 
-import shutil
 
 import pytest
 import torch
@@ -10,9 +10,20 @@ import torch.nn.functional as F
 
 from common import kernels
 
-pytestmark = pytest.mark.skipif(
-    not torch._C._cpu._get_cpu_capability().get("avx2") or shutil.which("gcc") is None,
-    reason="the kernel is AVX2 C built with gcc: this CPU or machine has neither")
+pytestmark = pytest.mark.skipif(kernels.isa() is None,
+                                reason="the kernel is AVX2 or AVX-512 C built with gcc: this CPU or machine has neither")
+TARGETS = ["avx2", "avx512"] if kernels.isa() == "avx512" else ["avx2"]  # an AVX-512 CPU runs the AVX2 kernel too
+
+
+@pytest.fixture(params=[(t, units) for t in TARGETS for units in (False, True)], ids=lambda p: f"{p[0]}-units{p[1]}")
+def target(request, monkeypatch):
+    """Each kernel this CPU can run, and the prefill path with and without oneDNN's bfloat16 (F.linear there)."""
+    isa, units = request.param
+    if units and not kernels.bf16_units():
+        pytest.skip("oneDNN has no bfloat16 arithmetic on this CPU")
+    monkeypatch.setattr(kernels, "isa", lambda: isa)
+    monkeypatch.setattr(kernels, "bf16_units", lambda: units)
+    return request.param
 
 
 def reference(x, w, b=None):
@@ -21,8 +32,8 @@ def reference(x, w, b=None):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 33])
-@pytest.mark.parametrize("n, k", [(7, 16), (130, 64), (4097, 40)])
-def test_linear_equals_float32_arithmetic_rounded_once(rows, n, k):
+@pytest.mark.parametrize("n, k", [(7, 16), (130, 64), (4097, 40), (33, 8)])
+def test_linear_equals_float32_arithmetic_rounded_once(rows, n, k, target):
     torch.manual_seed(rows * n + k)
     x, w, b = torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
     for bias in (None, b):
@@ -34,7 +45,7 @@ def test_linear_equals_float32_arithmetic_rounded_once(rows, n, k):
         assert (ours == ref).float().mean() > 0.97
 
 
-def test_batched_shapes_and_a_non_contiguous_weight():
+def test_batched_shapes_and_a_non_contiguous_weight(target):
     x, w = torch.randn(2, 3, 64).bfloat16(), torch.randn(96, 64).bfloat16()
     ours = kernels.linear(x, w)
     assert ours.shape == (2, 3, 96) and torch.equal(ours, kernels.linear(x.reshape(6, 64), w).view(2, 3, 96))
@@ -45,7 +56,7 @@ def test_batched_shapes_and_a_non_contiguous_weight():
 
 def test_models_adopt_it_only_where_it_applies():
     layer = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).bfloat16()
-    expected = 2 if kernels.cpu_lacks_bf16() else 0
+    expected = 2 if kernels.isa() else 0
     assert kernels.adopt(layer) == expected
     x = torch.randn(3, 64).bfloat16()
     assert (layer(x).float() - reference(reference(x, layer[0].weight, layer[0].bias), layer[1].weight,

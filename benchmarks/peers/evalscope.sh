@@ -32,16 +32,7 @@ fi
 VERSION="${EVALSCOPE_VERSION:-1.14.1}"
 VLMEVAL_VERSION="${MS_VLMEVAL_VERSION:-0.0.19}"
 PY="${PYTHON:-python3.11}"
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
-
-mkdir -p "$(dirname "$VENV")"
-VENV="$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")"
-case "$VENV/" in
-  "$REPO"/*) echo "refusing: $VENV is inside the project ($REPO); peers live outside it" >&2; exit 2 ;;
-esac
-
-say() { printf '\n== %s\n' "$*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 if [ "${1:-}" = run ]; then
   TSV="${2:?usage: evalscope.sh run TSV [N]}"
@@ -86,12 +77,7 @@ EOF
   exit 0
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-  say "creating $VENV with $PY"
-  "$PY" -m venv "$VENV"
-fi
-VPY="$VENV/bin/python"
-unset PIP_REQUIRE_VIRTUALENV VIRTUAL_ENV || true
+ensure_venv
 
 CONSTRAINTS="$VENV/torch-constraints.txt"
 # transformers 5 dropped AutoModelForVision2Seq, which vlmeval 0.0.19 imports at start-up (vlmeval/vlm/granite_vision)

