@@ -1,10 +1,6 @@
 """Weight-only quantized linears of the LLM half: int8 (one scale per output channel) and int4 (a scale and a zero per
-group of input channels), quantized at load from a float checkpoint or repacked from an AWQ one. Kernels: on an x86
-CPU, decode rows (up to kernels.DECODE_ROWS) run on common/kernels.py's int8_gemv and int4_gemv, which read each code
-once and compute in float32; prefill on PyTorch's `_weight_int8pack_mm` (int8) and, for int4, on the weights
-dequantized to float32 a block of output channels at a time (one GEMM per block). On CUDA PyTorch's kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm`) run everything. PyTorch's CPU int4 and int8 kernels read weights at a
-quarter of the memory bandwidth or less for one row, and worse for several (README "Quantized weights").
+group of input channels), quantized at load from a float checkpoint or repacked from an AWQ one, on the matmul kernels
+PyTorch ships (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA).
 
 Loading goes in three steps (llm_worker.model.LanguageModel.from_pretrained): `read_stacked` stacks q/k/v and
 gate/up as they are read (float weights, or an AWQ checkpoint's packed tensors); `quantize_projections` turns each
@@ -18,20 +14,17 @@ float, as in Qwen's AWQ checkpoints.
 import torch
 from torch import Tensor, nn
 
-from common import kernels
-
 QUANTIZATIONS = ("int8", "int4")
 QUANTIZED_KINDS = ("scales", "zeros")  # what a quantized projection holds besides its codes (`weight`) and bias
 AWQ_PACKED = ("qweight", "qzeros", "scales")  # an AWQ projection's tensors besides its bias; output channels on dim 1
 GROUP_SIZE = 128  # int4: input channels sharing a scale and a zero (AWQ's and torchao's default)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels take
-CUDA_INT4_ROWS = 8  # PyTorch's CUDA int4 kernel packs output channels 8 at a time
+INT4_ROWS = 16  # the CPU int4 kernel packs output channels 16 at a time (the CUDA one 8)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ GEMM: nibble i of an int32 holds output channel AWQ_ORDER[i] of its 8
 AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "zero_point": True, "version": "gemm"}  # the one AWQ layout read
-ROWS_AT_ONCE = 2048  # quantizing, packing and int4 prefill's dequantizing go this many output channels at a time:
-                     # float32 temporaries of a few rows, not of the whole matrix, in few enough ops that thread
-                     # stalls on a busy machine stay rare (256 rows at a time loaded int4 2x slower here with other
-                     # processes running)
+ROWS_AT_ONCE = 2048  # quantizing and packing go this many output channels at a time: float32 temporaries of a few
+                     # rows, not of the whole matrix, in few enough ops that thread stalls on a busy machine stay rare
+                     # (256 rows at a time loaded int4 2x slower here with other processes running)
 
 
 def row_blocks(n: int):
@@ -153,15 +146,9 @@ def quantize_linears(layers: nn.Module, tensors: dict[str, Tensor], prefix: str)
             tensors.update({stored + key: value for key, value in quantized.state_dict().items()})
 
 
-def decode_kernel(x: Tensor, weight: Tensor) -> bool:
-    """Whether x's rows go through common/kernels.py's decode kernels: few rows on an x86 CPU that has them."""
-    return (weight.device.type == "cpu" and kernels.isa() is not None and x.numel() // x.shape[-1] <= kernels.DECODE_ROWS
-            and x.shape[-1] % 8 == 0)
-
-
 class Int8Linear(nn.Module):
-    """y = x @ (weight * scales[:, None]).T + bias with weight int8 (N, K), one byte a weight: decode rows on
-    kernels.int8_gemv (x86 CPU), the rest on `_weight_int8pack_mm` (CPU and CUDA)."""
+    """y = x @ (weight * scales[:, None]).T + bias with weight int8 (N, K): `_weight_int8pack_mm` (CPU and CUDA) reads
+    one byte a weight."""
 
     def __init__(self, weight: Tensor, scales: Tensor, bias: Tensor | None):
         super().__init__()
@@ -171,27 +158,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if decode_kernel(x, self.weight):
-            y = kernels.int8_gemv(rows.float().contiguous(), self.weight, self.scales).to(x.dtype)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight, self.scales)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales)
         y = y if self.bias is None else y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T + bias with W[n, k] = (code - 8) * scale + zero of k's group: half a byte a weight. On the CPU the
-    codes are packed for kernels.int4_gemv (in each 32 input channels, byte j holds channels j and 16 + j), decode rows
-    run on it and more rows on W dequantized to float32 a block at a time; on CUDA they are packed for PyTorch's
-    `_weight_int4pack_mm`, which runs everything."""
+    """y = x @ W.T + bias with W[n, k] = (code - 8) * scale + zero of k's group: half a byte a weight, packed for the
+    device's int4 kernel (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA)."""
 
     def __init__(self, weight: Tensor, scales_and_zeros: Tensor, bias: Tensor | None, in_features: int, group_size: int):
         super().__init__()
         self.in_features, self.group_size = in_features, group_size
-        self.out_features = scales_and_zeros.shape[0 if weight.device.type == "cpu" else 1]
+        self.out_features = scales_and_zeros.shape[1]
         self.register_buffer("weight", weight)  # packed: CPU (N, K/2) uint8, CUDA (N/8, K/(16 tiles), 32, tiles/2) int32
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # CPU (N, K/group, 2), CUDA (K/group, N, 2)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K/group, N, 2) in the activations' dtype
         self.register_buffer("bias", bias)
 
     @classmethod
@@ -199,39 +180,23 @@ class Int4Linear(nn.Module):
         """codes (N, K) in 0..15, scales and zeros (N, K/group) → the module, packed for the codes' device."""
         N, K = codes.shape
         group_size = K // scales.shape[1]
-        if codes.device.type == "cpu":
-            blocks = codes.view(N, K // 32, 2, 16)  # channels k..k+15 and k+16..k+31 of each 32
-            weight = (blocks[:, :, 0] | blocks[:, :, 1] << 4).view(N, K // 2)
-            return cls(weight, torch.stack([scales, zeros], -1), bias, K, group_size)  # (N, K/group, 2)
-        if N % CUDA_INT4_ROWS:
-            raise ValueError(f"the CUDA int4 kernel packs output channels {CUDA_INT4_ROWS} at a time: tensor {name!r} "
-                             f"has {N}; use --quantization int8 for this checkpoint")
-        if scales.dtype != torch.bfloat16:
-            raise ValueError(f"int4 on {codes.device.type} runs in bfloat16, not {scales.dtype} (--dtype bfloat16)")
+        if N % INT4_ROWS:
+            raise ValueError(f"the int4 kernel packs output channels {INT4_ROWS} at a time: tensor {name!r} has {N}; "
+                             "use --quantization int8 for this checkpoint")
         inner_k_tiles = next(tiles for tiles in (8, 4, 2) if K % (16 * tiles) == 0)  # K is a multiple of 32
-        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # (N, K/2), even k in the high nibble
-        weight = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+        if codes.device.type == "cpu":  # packed 256 rows at a time, which packs each row as the whole matrix would
+            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            weight = torch.cat([pack(codes[rows].to(torch.int32), inner_k_tiles) for rows in row_blocks(N)])
+        else:
+            if scales.dtype != torch.bfloat16:
+                raise ValueError(f"int4 on {codes.device.type} runs in bfloat16, not {scales.dtype} (--dtype bfloat16)")
+            pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # (N, K/2), even k in the high nibble
+            weight = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
         scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()  # (K/group, N, 2)
         return cls(weight, scales_and_zeros, bias, K, group_size)
 
-    def dequantized(self, rows: slice) -> Tensor:
-        """W[rows] in float32 (CPU layout): (code - 8) * scale + zero."""
-        packed = self.weight[rows]  # (n, K/2)
-        n, K = packed.shape[0], self.in_features
-        blocks = packed.view(n, K // 32, 1, 16)
-        codes = torch.cat([blocks & 15, blocks >> 4], 2).view(n, K // self.group_size, self.group_size).float()
-        scales, zeros = self.scales_and_zeros[rows].float().unbind(-1)  # (n, K/group) each
-        return ((codes - 8) * scales[..., None] + zeros[..., None]).view(n, K)
-
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if x.device.type != "cpu":
-            y = torch.ops.aten._weight_int4pack_mm(rows.contiguous(), self.weight, self.group_size,
-                                                   self.scales_and_zeros)
-        elif decode_kernel(x, self.weight) and self.scales_and_zeros.dtype in (torch.bfloat16, torch.float32):
-            y = kernels.int4_gemv(rows.float().contiguous(), self.weight, self.scales_and_zeros, self.group_size)
-        else:
-            x32 = rows.float()
-            y = torch.cat([x32 @ self.dequantized(block).T for block in row_blocks(self.out_features)], 1)
-        y = y.to(x.dtype) if self.bias is None else (y + self.bias.float()).to(x.dtype)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
+        y = mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.group_size, self.scales_and_zeros)
+        y = y if self.bias is None else y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

@@ -247,23 +247,10 @@ def test_int4_packs_more_output_channels_than_one_block_as_one_matrix():
     assert (linear(x) - reference).abs().max() <= TOLERANCE * reference.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_and_int8_take_any_output_width_and_row_count_on_the_cpu(rows, dtype):
-    """Decode rows (up to 8) run on common/kernels.py's kernels on an x86 CPU, more on the dequantized weights (int4)
-    or PyTorch's int8 kernel; 24 output channels is no multiple of any kernel's block. bfloat16: within one rounding of
-    the output to bfloat16 (plus the inputs' rounding, the same on both sides)."""
-    torch.manual_seed(rows)
-    w, x = torch.randn(24, 256), torch.randn(rows, 256).to(dtype)
-    codes, scales, zeros = quantize_int4(w.to(dtype), 128, dtype)
-    int4 = Int4Linear.from_codes(codes, scales, zeros, None, "x")
-    dequantized = (codes.float() - 8) * scales.float().repeat_interleave(128, 1) + zeros.float().repeat_interleave(128, 1)
-    codes8, scales8 = quantize_int8(w.to(dtype), dtype)
-    int8 = Int8Linear(codes8, scales8, None)
-    for linear, weight in ((int4, dequantized), (int8, codes8.float() * scales8.float()[:, None])):
-        reference = x.float() @ weight.T
-        bound = TOLERANCE if dtype == torch.float32 else 2**-7
-        assert (linear(x).float() - reference).abs().max() <= bound * reference.abs().max()
+def test_int4_refuses_output_widths_the_kernel_cannot_pack():
+    codes, scales, zeros = quantize_int4(torch.randn(24, 128), 128, torch.float32)
+    with pytest.raises(ValueError, match="16 at a time: tensor 'x' has 24"):
+        Int4Linear.from_codes(codes, scales, zeros, None, "x")
 
 
 def test_unknown_quantization_is_refused(tiny_model):
