@@ -12,7 +12,8 @@ from common import kernels
 
 pytestmark = pytest.mark.skipif(kernels.isa() is None,
                                 reason="the kernel is AVX2 or AVX-512 C built with gcc: this CPU or machine has neither")
-TARGETS = ["avx2", "avx512"] if kernels.isa() == "avx512" else ["avx2"]  # an AVX-512 CPU runs the AVX2 kernel too
+LEVELS = ["avx2", "avx512", "avx512bf16"]
+TARGETS = LEVELS[:LEVELS.index(kernels.isa()) + 1] if kernels.isa() else []  # the CPU's kernel and those below it
 
 
 @pytest.fixture(params=[(t, units) for t in TARGETS for units in (False, True)], ids=lambda p: f"{p[0]}-units{p[1]}")
