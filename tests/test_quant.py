@@ -247,6 +247,23 @@ def test_int4_packs_more_output_channels_than_one_block_as_one_matrix():
     assert (linear(x) - reference).abs().max() <= TOLERANCE * reference.abs().max()
 
 
+@pytest.mark.parametrize("units", [False, True])
+def test_int8_bfloat16_prefill_on_dequantized_weights_equals_the_int8_kernel_within_rounding(units, monkeypatch):
+    """With bfloat16 units a bfloat16 prefill runs on the weight dequantized to bfloat16 (one rounding of code times
+    scale) through oneDNN; without them, and for decode rows, on `_weight_int8pack_mm`. Both stay within bfloat16
+    rounding of float32 arithmetic on the int8 weights (2048 + 16 output channels: two dequantized blocks)."""
+    from common import kernels
+
+    monkeypatch.setattr(kernels, "bf16_units", lambda: units)
+    torch.manual_seed(3)
+    codes, scales = quantize_int8(torch.randn(2048 + 16, 128).bfloat16(), torch.bfloat16)
+    linear = Int8Linear(codes, scales, torch.randn(2048 + 16).bfloat16())
+    for rows in (4, 40):
+        x = torch.randn(rows, 128).bfloat16()
+        reference = x.float() @ (codes.float() * scales.float()[:, None]).T + linear.bias.float()
+        assert (linear(x).float() - reference).abs().max() <= 2**-6 * reference.abs().max()
+
+
 def test_int4_refuses_output_widths_the_kernel_cannot_pack():
     codes, scales, zeros = quantize_int4(torch.randn(24, 128), 128, torch.float32)
     with pytest.raises(ValueError, match="16 at a time: tensor 'x' has 24"):
