@@ -186,6 +186,8 @@ def _library(target: str) -> ctypes.CDLL:
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         getattr(lib, name).restype = None
     lib.gemv_wide_rows.restype = lib.gemv_narrow_rows.restype = lib.x_bf16.restype = ctypes.c_int
+    # asked once here, not on every call: rows each variant takes at a time, and whether x goes in as bfloat16
+    lib.wide_rows, lib.narrow_rows, lib.bf16_input = lib.gemv_wide_rows(), lib.gemv_narrow_rows(), bool(lib.x_bf16())
     return lib
 
 
@@ -195,10 +197,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.reshape(-1, K)  # (R, K)
     if rows.shape[0] <= decode_rows() and weight.is_contiguous() and K % 8 == 0:
         lib, threads = _library(isa()), torch.get_num_threads()
-        rows = (rows if lib.x_bf16() else rows.float()).contiguous()
+        rows = (rows if lib.bf16_input else rows.float()).contiguous()
         y = torch.empty(rows.shape[0], N)
-        wide = rows.shape[0] <= lib.gemv_wide_rows()  # one or two rows: more output channels at a time
-        gemv, at_once = (lib.gemv_wide, lib.gemv_wide_rows()) if wide else (lib.gemv_narrow, lib.gemv_narrow_rows())
+        wide = rows.shape[0] <= lib.wide_rows  # one or two rows: more output channels at a time
+        gemv, at_once = (lib.gemv_wide, lib.wide_rows) if wide else (lib.gemv_narrow, lib.narrow_rows)
         for i in range(0, rows.shape[0], at_once):
             part = rows[i:i + at_once]
             gemv(part.data_ptr(), weight.data_ptr(), y[i:].data_ptr(), part.shape[0], N, K, threads)
