@@ -102,10 +102,15 @@ int x_bf16(void) { return X_BF16; }
 /* y (B, N) float32 = x (B, K) . w (N, K) bfloat16 ^T, x bfloat16 if x_bf16() else float32, for B <= ROWS and K a
    multiple of 8: COLS output channels at a time (the last repeated when N is not a multiple), each weight read once
    for all B rows. More channels at a time keep more streams of weights in flight: one row reads at 1.3-1.4x the
-   bandwidth with 8 than with 2 (AVX-512-BF16). */
+   bandwidth with 8 than with 2 (AVX-512-BF16). Each step also prefetches the next block's channels at the same
+   offset: the hardware prefetchers stop at 4 KiB page boundaries, which a mapped checkpoint's weights have at every
+   row of a 2048-wide layer (1.07-1.10x the read rate on 4 KiB pages, AVX-512-BF16 Xeon). */
 #define STEP(COLS, ROWS, lanes) {                                                                            \
             wvec v[COLS];                                                                                    \
-            for (int c = 0; c < COLS; ++c) v[c] = wload(wc[c] + k, lanes);                                   \
+            for (int c = 0; c < COLS; ++c) {                                                                 \
+                _mm_prefetch((const char*)(wn[c] + k), _MM_HINT_T0);                                         \
+                v[c] = wload(wc[c] + k, lanes);                                                              \
+            }                                                                                                \
             for (int b = 0; b < ROWS; ++b) {                                                                 \
                 if (b < B) {                                                                                 \
                     xvec xv = xload(x + b * K + k, lanes);                                                   \
@@ -118,8 +123,9 @@ int name##_rows(void) { return ROWS; }                                          
 void name(const xtype* x, const uint16_t* w, float* y, int64_t B, int64_t N, int64_t K, int threads) {       \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                        \
     for (int64_t n = 0; n < N; n += COLS) {                                                                  \
-        const uint16_t* wc[COLS];                                                                            \
+        const uint16_t *wc[COLS], *wn[COLS];                                                                 \
         for (int c = 0; c < COLS; ++c) wc[c] = w + (n + c < N ? n + c : N - 1) * K;                          \
+        for (int c = 0; c < COLS; ++c) wn[c] = w + (n + COLS + c < N ? n + COLS + c : N - 1) * K;            \
         acc_t a[ROWS][COLS];                                                                                 \
         for (int b = 0; b < ROWS; ++b)                                                                       \
             for (int c = 0; c < COLS; ++c) a[b][c] = zero();                                                 \
