@@ -124,8 +124,10 @@ void name(const xtype* x, const uint16_t* w, float* y, int64_t B, int64_t N, int
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                        \
     for (int64_t n = 0; n < N; n += COLS) {                                                                  \
         const uint16_t *wc[COLS], *wn[COLS];                                                                 \
-        for (int c = 0; c < COLS; ++c) wc[c] = w + (n + c < N ? n + c : N - 1) * K;                          \
-        for (int c = 0; c < COLS; ++c) wn[c] = w + (n + COLS + c < N ? n + COLS + c : N - 1) * K;            \
+        for (int c = 0; c < COLS; ++c) {                                                                     \
+            wc[c] = w + (n + c < N ? n + c : N - 1) * K;                                                     \
+            wn[c] = w + (n + COLS + c < N ? n + COLS + c : N - 1) * K;                                       \
+        }                                                                                                    \
         acc_t a[ROWS][COLS];                                                                                 \
         for (int b = 0; b < ROWS; ++b)                                                                       \
             for (int c = 0; c < COLS; ++c) a[b][c] = zero();                                                 \
